@@ -1,0 +1,39 @@
+"""hf_detr: DETR (DEtection TRansformer) packaged the Hugging Face way.
+
+`import hf_detr` registers the model with AutoConfig, AutoModel, AutoModelForObjectDetection and
+AutoImageProcessor.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
+
+from .box_ops import cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
+from .configuration_hf_detr import HfDetrConfig
+from .convert import convert_transformers_detr
+from .image_processing import HfDetrImageProcessor
+from .loss import SetCriterion
+from .matching import MATCHERS, HungarianMatcher
+from .modeling_hf_detr import HfDetrForObjectDetection, HfDetrModel, HfDetrPreTrainedModel
+from .queries import QUERY_BUILDERS, DetrQueries
+
+AutoConfig.register(HfDetrConfig.model_type, HfDetrConfig, exist_ok=True)
+AutoModel.register(HfDetrConfig, HfDetrModel, exist_ok=True)
+AutoModelForObjectDetection.register(HfDetrConfig, HfDetrForObjectDetection, exist_ok=True)
+AutoImageProcessor.register(HfDetrConfig, image_processor_classes={"pil": HfDetrImageProcessor}, exist_ok=True)
+
+__version__ = "0.1.0"
+__all__ = [
+    "HfDetrConfig",
+    "HfDetrModel",
+    "HfDetrForObjectDetection",
+    "HfDetrPreTrainedModel",
+    "HfDetrImageProcessor",
+    "HungarianMatcher",
+    "SetCriterion",
+    "DetrQueries",
+    "QUERY_BUILDERS",
+    "MATCHERS",
+    "convert_transformers_detr",
+    "cxcywh_to_xyxy",
+    "xyxy_to_cxcywh",
+    "generalized_box_iou",
+]

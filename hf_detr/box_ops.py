@@ -1,0 +1,50 @@
+"""Pure tensor box functions. Formats: `cxcywh` = (center x, center y, width, height) and
+`xyxy` = (x0, y0, x1, y1); both work in normalised (0..1) or pixel units alike.
+
+Written here rather than imported from torchvision (not installable next to the CPU torch this
+project targets) or transformers (whose versions are private helpers that validate on every call)."""
+
+import torch
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """[..., 4] cxcywh -> [..., 4] xyxy."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    """[..., 4] xyxy -> [..., 4] cxcywh."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), dim=-1)
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """[..., 4] xyxy -> [...] area."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def _iou_union_enclosing(boxes1: torch.Tensor, boxes2: torch.Tensor):
+    """IoU, union and enclosing-box area of xyxy boxes that broadcast against each other."""
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    inter_wh = (torch.minimum(boxes1[..., 2:], boxes2[..., 2:]) - torch.maximum(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    union = area1 + area2 - inter
+    hull_wh = (torch.maximum(boxes1[..., 2:], boxes2[..., 2:]) - torch.minimum(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    return inter / union, union, hull_wh[..., 0] * hull_wh[..., 1]
+
+
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU: boxes1 [..., N, 4], boxes2 [..., M, 4] (xyxy) -> [..., N, M]."""
+    return _iou_union_enclosing(boxes1.unsqueeze(-2), boxes2.unsqueeze(-3))[0]
+
+
+def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise GIoU (https://giou.stanford.edu): boxes1 [..., N, 4], boxes2 [..., M, 4] (xyxy) -> [..., N, M]."""
+    return elementwise_generalized_box_iou(boxes1.unsqueeze(-2), boxes2.unsqueeze(-3))
+
+
+def elementwise_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """GIoU of boxes that broadcast against each other (e.g. matched pairs [N, 4] and [N, 4] -> [N])."""
+    iou, union, hull = _iou_union_enclosing(boxes1, boxes2)
+    return iou - (hull - union) / hull

@@ -1,0 +1,130 @@
+"""HfDetrConfig: every knob of DETR on one screen, grouped by the stage that reads it.
+
+The defaults are the paper's DETR-R50 (Carion et al., 2020): ResNet-50 last stage, 6 encoder + 6
+decoder layers of width 256 with 8 heads and FFN 2048, 100 object queries, dropout 0.1, 91 COCO
+class slots, auxiliary decoding losses on, matcher costs 1/5/2 and loss weights 1/5/2 with a
+no-object weight of 0.1.
+
+This file is part of the model surface: it is copied next to config.json on save, so it imports
+only transformers and its own siblings.
+"""
+
+from typing import Literal, get_args
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+# The query variants the model can build; queries.QUERY_BUILDERS has exactly these keys (tested).
+QueryType = Literal["detr"]
+
+
+@strict
+class HfDetrConfig(PreTrainedConfig):
+    model_type = "hf_detr"
+    sub_configs_defaults = {
+        # transformers' AutoBackbone config; DETR reads only the last stage of a ResNet-50.
+        "backbone_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="resnet", init_kwargs={"out_features": ["stage4"]}
+        ),
+    }
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "encoder_attention_heads",
+        "num_hidden_layers": "encoder_layers",
+    }
+
+    # --- backbone -------------------------------------------------------------------------------
+    backbone_config: dict | PreTrainedConfig | None = None  # AutoBackbone config (ResNet-50 by default)
+    use_pretrained_backbone: bool = False  # load `backbone_checkpoint` weights when the model is built
+    backbone_checkpoint: str = "microsoft/resnet-50"  # ImageNet weights used when use_pretrained_backbone
+    train_backbone: bool = True  # False freezes the whole backbone; True trains all but stem + first stage (as DETR)
+    num_channels: int = 3  # input image channels
+
+    # --- transformer ----------------------------------------------------------------------------
+    d_model: int = 256  # hidden size of encoder, decoder and queries
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_attention_heads: int = 8
+    decoder_attention_heads: int = 8
+    encoder_ffn_dim: int = 2048
+    decoder_ffn_dim: int = 2048
+    activation_function: str = "relu"
+    dropout: float = 0.1  # on attention outputs, FFN outputs and encoder inputs
+    attention_dropout: float = 0.0  # on attention probabilities
+    activation_dropout: float = 0.0  # inside the FFN, after the activation
+    normalize_before: bool = False  # pre-norm layers (DETR's --pre_norm); the paper's model is post-norm
+    position_embedding_temperature: int = 10000  # sine position embedding of the feature map
+    init_std: float = 0.02
+    init_xavier_std: float = 1.0
+    is_encoder_decoder: bool = True
+
+    # --- queries --------------------------------------------------------------------------------
+    num_queries: int = 100  # detection slots: the most objects one image can have
+    query_type: str = "detr"  # one of QueryType: a key of queries.QUERY_BUILDERS
+
+    # --- matcher costs (Hungarian matching) -----------------------------------------------------
+    class_cost: float = 1.0
+    bbox_cost: float = 5.0
+    giou_cost: float = 2.0
+
+    # --- loss -----------------------------------------------------------------------------------
+    auxiliary_loss: bool = True  # the same loss on every intermediate decoder layer
+    ce_loss_coefficient: float = 1.0
+    bbox_loss_coefficient: float = 5.0
+    giou_loss_coefficient: float = 2.0
+    eos_coefficient: float = 0.1  # weight of the "no object" class in the cross-entropy
+
+    # --- labels ---------------------------------------------------------------------------------
+    # id2label / label2id come from PreTrainedConfig. category_ids[label] is the dataset's own id of
+    # each contiguous label (COCO's sparse 1..90), so predictions can be written back in its ids.
+    category_ids: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            kwargs["num_labels"] = 91  # COCO's class slots, as in the paper
+        super().__post_init__(**kwargs)
+        self.check_values()
+
+    def check_values(self):
+        """Reject values the model cannot be built with, naming the field (a plain ValueError:
+        `@strict`'s own `validate_*` hooks would wrap it in a StrictDataclassError)."""
+        if self.query_type not in get_args(QueryType):
+            raise ValueError(f"HfDetrConfig.query_type must be one of {get_args(QueryType)}, got {self.query_type!r}")
+        for field in (
+            "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+            "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "num_queries", "num_channels",
+        ):  # fmt: skip
+            if getattr(self, field) <= 0:
+                raise ValueError(f"HfDetrConfig.{field} must be positive, got {getattr(self, field)}")
+        for field in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, field):
+                raise ValueError(
+                    f"HfDetrConfig.d_model ({self.d_model}) must be divisible by {field} ({getattr(self, field)})"
+                )
+        if self.d_model % 2:
+            raise ValueError(f"HfDetrConfig.d_model must be even for the 2D sine position embedding, got {self.d_model}")
+        for field in ("class_cost", "bbox_cost", "giou_cost"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"HfDetrConfig.{field} must be >= 0, got {getattr(self, field)}")
+        if self.class_cost == self.bbox_cost == self.giou_cost == 0:
+            raise ValueError("HfDetrConfig: class_cost, bbox_cost and giou_cost cannot all be 0")
+        for field in ("ce_loss_coefficient", "bbox_loss_coefficient", "giou_loss_coefficient", "eos_coefficient"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"HfDetrConfig.{field} must be >= 0, got {getattr(self, field)}")
+        for field in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                raise ValueError(f"HfDetrConfig.{field} must be in [0, 1), got {getattr(self, field)}")
+        if self.num_labels is not None and self.num_labels <= 0:
+            raise ValueError(f"HfDetrConfig.num_labels must be positive, got {self.num_labels}")
+        if self.category_ids is not None and len(self.category_ids) != self.num_labels:
+            raise ValueError(
+                f"HfDetrConfig.category_ids has {len(self.category_ids)} entries but num_labels is {self.num_labels}"
+            )
+
+
+__all__ = ["HfDetrConfig", "QueryType"]
+
+# Saving a config also copies this file and writes its `auto_map` entry (remote code loading).
+HfDetrConfig.register_for_auto_class()

@@ -1,0 +1,148 @@
+"""Published DETR weights -> hf_detr.
+
+Three key layouts reach us, all mapped by the same table of renames onto our state dict:
+- a live transformers v5 `DetrForObjectDetection` (AutoBackbone ResNet, `mlp.fc1`, `o_proj` ...);
+- a transformers checkpoint on the Hub as saved by transformers v4 (`facebook/detr-resnet-50`):
+  `model.backbone.conv_encoder.model.` + timm ResNet keys (`conv1`, `layer1.0.bn1`), or the
+  `no_timm` revision's AutoBackbone keys, and `out_proj` / `fc1` at layer level;
+- the original facebookresearch/detr `.pth` (`backbone.0.body.`, `transformer.`, fused `in_proj_weight`).
+timm and torchvision ResNets share their key names, so both map onto transformers' ResNet.
+"""
+
+import re
+
+import torch
+from transformers import ResNetConfig
+
+from .configuration_hf_detr import HfDetrConfig
+from .modeling_hf_detr import HfDetrForObjectDetection
+
+# COCO 2017 category id -> name; ids missing here (12, 26, ...) are unused slots ("N/A"), as in DETR's 91 classes.
+COCO_CATEGORIES = dict(enumerate([
+    "N/A", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie",
+    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop",
+    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]))  # fmt: skip
+
+_BACKBONE = "model.backbone.model."
+# (pattern, replacement) applied in order to every key; the first group of rules brings each
+# layout's prefixes to ours, the rest rename inside.
+_RENAMES = [
+    (r"^model\.backbone\.conv_encoder\.model\.", _BACKBONE),  # transformers v4
+    (r"^backbone\.0\.body\.", _BACKBONE),  # original DETR
+    (r"^input_proj\.", "model.input_projection."),
+    (r"^(model\.)?query(_position)?_embed(dings)?\.", "model.queries.position_embeddings."),
+    (r"^transformer\.(en|de)coder\.layers\.", r"model.\1coder.layers."),
+    (r"^transformer\.decoder\.norm\.", "model.decoder.layernorm."),
+    (r"^transformer\.encoder\.norm\.", "model.encoder.layernorm."),
+    (r"^class_embed\.", "class_labels_classifier."),
+    (r"^bbox_embed\.", "bbox_predictor."),
+    # timm / torchvision ResNet -> transformers ResNet
+    (rf"^{_BACKBONE}conv1\.", _BACKBONE + "embedder.embedder.convolution."),
+    (rf"^{_BACKBONE}bn1\.", _BACKBONE + "embedder.embedder.normalization."),
+    (rf"^{_BACKBONE}layer(\d)\.(\d+)\.downsample\.0\.", lambda m: f"{_BACKBONE}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.convolution."),
+    (rf"^{_BACKBONE}layer(\d)\.(\d+)\.downsample\.1\.", lambda m: f"{_BACKBONE}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.normalization."),
+    (rf"^{_BACKBONE}layer(\d)\.(\d+)\.conv(\d)\.", lambda m: f"{_BACKBONE}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.convolution."),
+    (rf"^{_BACKBONE}layer(\d)\.(\d+)\.bn(\d)\.", lambda m: f"{_BACKBONE}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.normalization."),
+    # transformer layers: v4 and original names -> ours
+    (r"\.(self_attn|encoder_attn|multihead_attn)\.out_proj\.", r".\1.o_proj."),
+    (r"\.multihead_attn\.", ".encoder_attn."),
+    (r"(layers\.\d+)\.(fc|linear)([12])\.", r"\1.mlp.fc\3."),
+    (r"(coder\.layers\.\d+)\.norm1\.", r"\1.self_attn_layer_norm."),
+    (r"(encoder\.layers\.\d+)\.norm2\.", r"\1.final_layer_norm."),
+    (r"(decoder\.layers\.\d+)\.norm2\.", r"\1.encoder_attn_layer_norm."),
+    (r"(decoder\.layers\.\d+)\.norm3\.", r"\1.final_layer_norm."),
+]
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any of the three DETR key layouts -> hf_detr's keys. Fused `in_proj_weight` / `in_proj_bias`
+    (torch.nn.MultiheadAttention, original DETR) are split into q/k/v projections."""
+    converted = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        for pattern, replacement in _RENAMES:
+            key = re.sub(pattern, replacement, key)
+        if key.endswith((".in_proj_weight", ".in_proj_bias")):
+            prefix, kind = key.rsplit(".in_proj_", 1)
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
+                converted[f"{prefix}.{name}.{kind}"] = part
+        else:
+            converted[key] = value
+    return converted
+
+
+def resnet_backbone_config(depth: int) -> ResNetConfig:
+    """transformers' ResNet config equal to timm's / torchvision's resnet{depth}, last stage only."""
+    depths = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
+    if depth not in depths:
+        raise ValueError(f"no ResNet-{depth} layout known; DETR was published with ResNet-50 and ResNet-101")
+    return ResNetConfig(depths=depths[depth], layer_type="bottleneck", hidden_sizes=[256, 512, 1024, 2048], out_features=["stage4"])
+
+
+def config_from_detr_config(detr_config) -> HfDetrConfig:
+    """transformers' DetrConfig -> HfDetrConfig with the same architecture, costs and labels."""
+    if detr_config.position_embedding_type != "sine":
+        raise ValueError(f"only the sine position embedding is supported, got {detr_config.position_embedding_type!r}")
+    backbone = detr_config.backbone_config
+    if backbone.model_type == "timm_backbone":
+        if getattr(detr_config, "dilation", False):
+            raise ValueError("DETR-DC5 (dilation=True) is not supported")
+        backbone = resnet_backbone_config(int(re.sub(r"\D", "", backbone.backbone)))
+    same = [
+        "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+        "encoder_ffn_dim", "decoder_ffn_dim", "activation_function", "dropout", "attention_dropout",
+        "activation_dropout", "init_std", "init_xavier_std", "num_queries", "auxiliary_loss", "eos_coefficient",
+        "num_channels",
+    ]  # fmt: skip
+    kwargs = {name: getattr(detr_config, name) for name in same}
+    kwargs.update({name: float(getattr(detr_config, name)) for name in ("class_cost", "bbox_cost", "giou_cost")})
+    kwargs.update(bbox_loss_coefficient=float(detr_config.bbox_loss_coefficient), giou_loss_coefficient=float(detr_config.giou_loss_coefficient))
+    return HfDetrConfig(backbone_config=backbone, id2label=dict(detr_config.id2label), **kwargs)
+
+
+def config_from_original_state_dict(state_dict: dict[str, torch.Tensor], num_heads: int = 8) -> HfDetrConfig:
+    """Infer the architecture of an original facebookresearch/detr checkpoint from its tensors.
+    The head count is not stored in the weights: DETR's published models all use 8."""
+    def count(prefix):
+        return len({k.split(".")[3] for k in state_dict if k.startswith(prefix)})
+
+    num_classes = state_dict["class_embed.weight"].shape[0] - 1
+    depth = {6: 50, 23: 101}[len({k.split(".")[4] for k in state_dict if k.startswith("backbone.0.body.layer3.")})]
+    return HfDetrConfig(
+        backbone_config=resnet_backbone_config(depth),
+        d_model=state_dict["query_embed.weight"].shape[1],
+        num_queries=state_dict["query_embed.weight"].shape[0],
+        encoder_layers=count("transformer.encoder.layers."),
+        decoder_layers=count("transformer.decoder.layers."),
+        encoder_attention_heads=num_heads,
+        decoder_attention_heads=num_heads,
+        encoder_ffn_dim=state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0],
+        decoder_ffn_dim=state_dict["transformer.decoder.layers.0.linear1.weight"].shape[0],
+        normalize_before="transformer.encoder.norm.weight" in state_dict,
+        id2label={i: COCO_CATEGORIES.get(i, "N/A") for i in range(num_classes)} if num_classes == 91 else None,
+        num_labels=num_classes,
+    )
+
+
+def load_converted(config: HfDetrConfig, state_dict: dict[str, torch.Tensor]) -> HfDetrForObjectDetection:
+    """Build the model and load converted weights, failing loudly on any key left over or missing."""
+    model = HfDetrForObjectDetection(config)
+    converted = convert_state_dict(state_dict)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"DETR weights do not fit hf_detr: missing {sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}")
+    return model.eval()
+
+
+def convert_transformers_detr(model) -> HfDetrForObjectDetection:
+    """A transformers `DetrForObjectDetection` in, an `HfDetrForObjectDetection` with the same weights
+    (and matching outputs) out."""
+    return load_converted(config_from_detr_config(model.config), model.state_dict())

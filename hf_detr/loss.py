@@ -1,0 +1,138 @@
+"""DETR's set criterion: match predictions to targets, then cross-entropy (with a down-weighted
+"no object" class), L1 and GIoU on the matched pairs, for the final decoder layer and every
+intermediate one (auxiliary losses).
+
+All layers are handled together: one matcher call (one host transfer), then the loss terms as flat
+tensor ops over (layer, image, query) indices, with no Python loop over layers or images.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .box_ops import cxcywh_to_xyxy, elementwise_generalized_box_iou
+
+
+def check_labels(labels: list[dict], num_labels: int) -> None:
+    """Raise a ValueError naming the image index and annotation position of the first bad target:
+    boxes must be finite cxcywh in [0, 1] with positive size, class ids in [0, num_labels)."""
+    for image_index, target in enumerate(labels):
+        if "class_labels" not in target or "boxes" not in target:
+            raise ValueError(f"labels[{image_index}] must have 'class_labels' and 'boxes', got keys {sorted(target)}")
+        classes, boxes = target["class_labels"], target["boxes"]
+        if boxes.ndim != 2 or boxes.shape[-1] != 4 or len(boxes) != len(classes):
+            raise ValueError(
+                f"labels[{image_index}]: 'boxes' must be [N, 4] with N = len(class_labels) = {len(classes)}, "
+                f"got shape {tuple(boxes.shape)}"
+            )
+        if len(boxes) == 0:
+            continue
+        bad_box = ~(torch.isfinite(boxes).all(-1) & (boxes >= 0).all(-1) & (boxes <= 1).all(-1) & (boxes[:, 2:] > 0).all(-1))
+        bad_class = (classes < 0) | (classes >= num_labels)
+        bad = bad_box | bad_class
+        if bad.any():
+            position = int(bad.nonzero()[0])
+            what = (
+                f"box {boxes[position].tolist()} is not a finite cxcywh box in [0, 1] with positive size"
+                if bad_box[position]
+                else f"class id {int(classes[position])} is outside [0, {num_labels})"
+            )
+            raise ValueError(f"labels[{image_index}], annotation {position}: {what}")
+
+
+def num_boxes_across_processes(labels: list[dict], device: torch.device) -> float:
+    """Target boxes in this batch, averaged over processes when torch.distributed runs, at least 1,
+    so that every process normalises its loss by the same number."""
+    num_boxes = torch.tensor(float(sum(len(target["class_labels"]) for target in labels)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num_boxes)
+        num_boxes = num_boxes / dist.get_world_size()
+    return max(num_boxes.item(), 1.0)
+
+
+class SetCriterion(nn.Module):
+    """Args:
+    matcher: called as `matcher.match_layers(logits, pred_boxes, labels)` (see matching.py).
+    num_labels: K, the number of real classes; class K is "no object".
+    eos_coefficient: cross-entropy weight of the "no object" class.
+    ce_coefficient, bbox_coefficient, giou_coefficient: weights of the three terms in the total loss.
+    """
+
+    def __init__(
+        self,
+        matcher: nn.Module,
+        num_labels: int,
+        eos_coefficient: float = 0.1,
+        ce_coefficient: float = 1.0,
+        bbox_coefficient: float = 5.0,
+        giou_coefficient: float = 2.0,
+    ):
+        super().__init__()
+        self.matcher = matcher
+        self.num_labels = num_labels
+        self.weights = {"loss_ce": ce_coefficient, "loss_bbox": bbox_coefficient, "loss_giou": giou_coefficient}
+        class_weight = torch.ones(num_labels + 1)
+        class_weight[-1] = eos_coefficient
+        self.register_buffer("class_weight", class_weight, persistent=False)
+
+    def forward(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]):
+        """logits [L, B, Q, K+1] and pred_boxes [L, B, Q, 4] (cxcywh, 0..1) of every decoder layer, the
+        last being the final output; labels: per image {"class_labels": Long[N], "boxes": Float[N, 4] cxcywh 0..1}.
+
+        -> (loss, loss_dict). loss_dict has "loss_ce", "loss_bbox", "loss_giou" for the final layer,
+        the same with suffix "_{i}" for intermediate layer i, and "cardinality_error" (a metric, not in loss).
+        """
+        check_labels(labels, self.num_labels)
+        num_layers, batch, num_queries = logits.shape[:3]
+        device = logits.device
+        labels = [{k: v.to(device) for k, v in target.items() if k in ("class_labels", "boxes")} for target in labels]
+        indices = self.matcher.match_layers(logits.detach(), pred_boxes.detach(), labels)
+
+        # Flatten the matches of all layers and images into (layer, image, query) -> target rows.
+        offsets = torch.tensor([0] + [len(t["class_labels"]) for t in labels]).cumsum(0)
+        layer_idx, image_idx, query_idx, target_idx = [], [], [], []
+        for layer, layer_indices in enumerate(indices):
+            for image, (queries, targets) in enumerate(layer_indices):
+                layer_idx.append(torch.full_like(queries, layer))
+                image_idx.append(torch.full_like(queries, image))
+                query_idx.append(queries)
+                target_idx.append(targets + offsets[image])
+        layer_idx, image_idx, query_idx, target_idx = (torch.cat(i).to(device) for i in (layer_idx, image_idx, query_idx, target_idx))
+        target_classes_all = torch.cat([t["class_labels"] for t in labels])
+        target_boxes_all = torch.cat([t["boxes"] for t in labels]).to(pred_boxes.dtype)
+
+        # Classification: every query has a target class, "no object" (= K) unless matched.
+        target_classes = torch.full((num_layers, batch, num_queries), self.num_labels, dtype=torch.long, device=device)
+        target_classes[layer_idx, image_idx, query_idx] = target_classes_all[target_idx]
+        weighted_nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), target_classes.flatten(), self.class_weight, reduction="none"
+        ).view(num_layers, -1)
+        # Same value as cross_entropy(..., weight, reduction="mean") per layer: a weighted mean.
+        loss_ce = weighted_nll.sum(1) / self.class_weight[target_classes].view(num_layers, -1).sum(1)
+
+        # Boxes: L1 and GIoU on the matched pairs, summed per layer, over the number of target boxes.
+        num_boxes = num_boxes_across_processes(labels, device)
+        matched_boxes = pred_boxes[layer_idx, image_idx, query_idx]
+        target_boxes = target_boxes_all[target_idx]
+        l1 = (matched_boxes - target_boxes).abs().sum(-1)
+        giou = 1 - elementwise_generalized_box_iou(cxcywh_to_xyxy(matched_boxes), cxcywh_to_xyxy(target_boxes))
+        loss_bbox = l1.new_zeros(num_layers).index_add(0, layer_idx, l1) / num_boxes
+        loss_giou = giou.new_zeros(num_layers).index_add(0, layer_idx, giou) / num_boxes
+
+        per_layer = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        loss = sum(self.weights[name] * term.sum() for name, term in per_layer.items())
+        loss_dict = {}
+        for name, term in per_layer.items():
+            loss_dict[name] = term[-1]
+            loss_dict.update({f"{name}_{i}": term[i] for i in range(num_layers - 1)})
+        loss_dict["cardinality_error"] = self.cardinality_error(logits[-1], labels)
+        return loss, loss_dict
+
+    @torch.no_grad()
+    def cardinality_error(self, logits: torch.Tensor, labels: list[dict]) -> torch.Tensor:
+        """Mean absolute error between the number of queries predicting an object and the number of
+        targets, per image (logged, never back-propagated)."""
+        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        expected = torch.tensor([float(len(t["class_labels"])) for t in labels], device=logits.device)
+        return (predicted - expected).abs().mean()
