@@ -1,0 +1,44 @@
+import torch
+
+from hf_detr.box_ops import box_iou, cxcywh_to_xyxy, elementwise_generalized_box_iou, generalized_box_iou, xyxy_to_cxcywh
+
+
+def random_xyxy(n, generator):
+    corner = torch.rand(n, 2, generator=generator)
+    return torch.cat([corner, corner + torch.rand(n, 2, generator=generator) + 0.01], -1)
+
+
+def test_format_round_trip(generator):
+    boxes = random_xyxy(50, generator)
+    torch.testing.assert_close(cxcywh_to_xyxy(xyxy_to_cxcywh(boxes)), boxes)
+    assert torch.equal(cxcywh_to_xyxy(torch.tensor([0.5, 0.5, 0.2, 0.4])), torch.tensor([0.4, 0.3, 0.6, 0.7]))
+
+
+def test_iou_known_values():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 0.0, 3.0, 2.0], [0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 6.0, 6.0]])
+    torch.testing.assert_close(box_iou(a, b), torch.tensor([[2 / 6, 1.0, 0.0]]))
+    # disjoint boxes: GIoU = 0 - (hull - union) / hull = -(36 - 5) / 36
+    torch.testing.assert_close(generalized_box_iou(a, b)[0, 2], torch.tensor(-(36 - 5) / 36))
+
+
+def test_giou_bounds_and_symmetry(generator):
+    a, b = random_xyxy(20, generator), random_xyxy(30, generator)
+    giou, iou = generalized_box_iou(a, b), box_iou(a, b)
+    assert giou.shape == (20, 30)
+    assert (giou <= iou + 1e-6).all() and (giou >= -1).all() and (giou <= 1).all()
+    torch.testing.assert_close(giou, generalized_box_iou(b, a).T)
+    torch.testing.assert_close(torch.diagonal(generalized_box_iou(a, a)), torch.ones(20))
+
+
+def test_elementwise_equals_diagonal_of_pairwise(generator):
+    a, b = random_xyxy(15, generator), random_xyxy(15, generator)
+    torch.testing.assert_close(elementwise_generalized_box_iou(a, b), torch.diagonal(generalized_box_iou(a, b)))
+
+
+def test_batched_pairwise_equals_per_item(generator):
+    a, b = random_xyxy(24, generator).view(2, 3, 4, 4), random_xyxy(10, generator).view(2, 5, 4)
+    batched = generalized_box_iou(a, b[:, None])  # [2, 3, 4, 5]
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(batched[i, j], generalized_box_iou(a[i, j], b[i]))

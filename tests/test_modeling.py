@@ -1,0 +1,197 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection, pipeline
+
+import hf_detr
+from conftest import random_labels, tiny_config
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return hf_detr.HfDetrForObjectDetection(tiny_config()).eval()
+
+
+@pytest.fixture
+def inputs():
+    torch.manual_seed(1)
+    pixel_values = torch.randn(2, 3, 64, 96)
+    pixel_mask = torch.ones(2, 64, 96, dtype=torch.long)
+    pixel_mask[1, 40:] = 0  # second image padded at the bottom and right
+    pixel_mask[1, :, 64:] = 0
+    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+
+
+@pytest.fixture
+def checkpoint(tmp_path, model):
+    model.config.id2label = {0: "circle", 1: "square", 2: "triangle", 3: "star", 4: "cross"}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    model.save_pretrained(tmp_path)
+    hf_detr.HfDetrImageProcessor(size={"shortest_edge": 96, "longest_edge": 128}).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_output_shapes_and_box_range(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape == (2, 10, 6) and out.pred_boxes.shape == (2, 10, 4)
+    assert ((out.pred_boxes > 0) & (out.pred_boxes < 1)).all()
+    assert out.loss is None and out.last_hidden_state.shape == (2, 10, 32)
+    assert len(out.auxiliary_outputs) == 2
+    assert all(aux["logits"].shape == (2, 10, 6) and aux["pred_boxes"].shape == (2, 10, 4) for aux in out.auxiliary_outputs)
+
+
+def test_heads_are_shared_across_decoder_layers(model, inputs):
+    with torch.no_grad():
+        base = model.model(**inputs)
+        out = model(**inputs)
+    for layer, aux in enumerate(out.auxiliary_outputs):
+        hidden = base.intermediate_hidden_states[layer]
+        torch.testing.assert_close(aux["logits"], model.class_labels_classifier(hidden))
+        torch.testing.assert_close(aux["pred_boxes"], model.bbox_predictor(hidden))
+
+
+def test_auxiliary_loss_does_not_change_the_final_prediction(model, inputs):
+    # As in the original DETR the shared decoder norm only feeds the heads, so turning the
+    # auxiliary losses on or off leaves the model's function unchanged.
+    with torch.no_grad():
+        with_aux = model(**inputs)
+        model.config.auxiliary_loss = False
+        without_aux = model(**inputs)
+    assert without_aux.auxiliary_outputs is None
+    torch.testing.assert_close(with_aux.logits, without_aux.logits)
+
+
+def test_missing_pixel_mask_means_all_pixels_are_real(model, inputs):
+    with torch.no_grad():
+        implicit = model(inputs["pixel_values"])
+        explicit = model(inputs["pixel_values"], torch.ones(2, 64, 96, dtype=torch.long))
+    torch.testing.assert_close(implicit.logits, explicit.logits)
+
+
+def test_padding_mask_changes_the_padded_image_only(model, inputs):
+    with torch.no_grad():
+        masked = model(**inputs)
+        unmasked = model(inputs["pixel_values"])
+    torch.testing.assert_close(masked.logits[0], unmasked.logits[0])
+    assert not torch.allclose(masked.logits[1], unmasked.logits[1])
+
+
+def test_attentions_and_hidden_states_on_request(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True, output_hidden_states=True)
+        plain = model(**inputs)
+    seq = 2 * 3  # 64x96 input, stride 32
+    assert len(out.encoder_attentions) == 2 and out.encoder_attentions[0].shape == (2, 4, seq, seq)
+    assert len(out.decoder_attentions) == 3 and out.decoder_attentions[0].shape == (2, 4, 10, 10)
+    assert out.cross_attentions[0].shape == (2, 4, 10, seq)
+    # padded feature positions get no attention
+    assert out.cross_attentions[0][1, :, :, -1].abs().max() == 0
+    torch.testing.assert_close(out.cross_attentions[0].sum(-1), torch.ones(2, 4, 10))
+    assert len(out.encoder_hidden_states) == 3 and len(out.decoder_hidden_states) == 4
+    # the explicit-probabilities path and the SDPA path agree
+    torch.testing.assert_close(out.logits, plain.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_training_step_with_labels_reaches_queries_and_heads(model, inputs, generator):
+    model.train()
+    out = model(**inputs, labels=random_labels([3, 0], 5, generator))
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.model.queries.position_embeddings.weight.grad.abs().sum() > 0
+    assert model.class_labels_classifier.weight.grad.abs().sum() > 0
+    # DETR trains the backbone but not its stem and first stage; batch norm is frozen (no parameters)
+    backbone = dict(model.model.backbone.model.named_parameters())
+    assert not backbone["embedder.embedder.convolution.weight"].requires_grad
+    assert backbone["encoder.stages.3.layers.0.layer.0.convolution.weight"].requires_grad
+    assert not any("normalization" in name for name in backbone)
+
+
+def test_frozen_backbone_option(inputs):
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(train_backbone=False))
+    assert not any(p.requires_grad for p in model.model.backbone.parameters())
+
+
+def test_save_load_round_trip(checkpoint, model, inputs):
+    loaded = hf_detr.HfDetrForObjectDetection.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    assert loaded.config.id2label[1] == "square"
+
+
+def test_auto_classes_after_import(checkpoint, model, inputs):
+    assert isinstance(AutoConfig.from_pretrained(checkpoint), hf_detr.HfDetrConfig)
+    detector = AutoModelForObjectDetection.from_pretrained(checkpoint).eval()
+    assert isinstance(detector, hf_detr.HfDetrForObjectDetection)
+    base = AutoModel.from_pretrained(checkpoint).eval()
+    assert type(base) is hf_detr.HfDetrModel
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state)
+    assert isinstance(AutoImageProcessor.from_pretrained(checkpoint), hf_detr.HfDetrImageProcessor)
+
+
+def test_checkpoint_carries_remote_code(checkpoint):
+    auto_map = json.loads((checkpoint / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_hf_detr.HfDetrConfig",
+        "AutoModel": "modeling_hf_detr.HfDetrModel",
+        "AutoModelForObjectDetection": "modeling_hf_detr.HfDetrForObjectDetection",
+    }
+    for name in ("configuration_hf_detr.py", "modeling_hf_detr.py", "queries.py", "matching.py", "loss.py", "box_ops.py"):
+        assert (checkpoint / name).is_file(), name
+
+
+def test_remote_code_loads_where_hf_detr_cannot_be_imported(checkpoint, model, inputs, tmp_path_factory):
+    torch.save(inputs, checkpoint.parent / "inputs.pt")
+    with torch.no_grad():
+        torch.save(model(**inputs).logits, checkpoint.parent / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_detr"] = None  # any `import hf_detr` now fails
+        try:
+            import hf_detr
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("hf_detr is importable")
+        import torch
+        from transformers import AutoConfig, AutoModel, AutoModelForObjectDetection
+        folder = {str(checkpoint)!r}
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        assert type(config).__name__ == "HfDetrConfig" and "hf_detr" not in type(config).__module__.split(".")[0]
+        detector = AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True).eval()
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+        assert type(base).__name__ == "HfDetrModel", type(base)
+        inputs = torch.load({str(checkpoint.parent / "inputs.pt")!r})
+        with torch.no_grad():
+            logits = detector(**inputs).logits
+        torch.testing.assert_close(logits, torch.load({str(checkpoint.parent / "expected.pt")!r}))
+        print("remote-ok", type(detector).__module__)
+        """
+    )
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path_factory.mktemp("modules")), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path_factory.mktemp("cwd"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote-ok transformers_modules" in result.stdout
+
+
+def test_pipeline_on_a_real_photograph(checkpoint):
+    import skimage.data
+    from PIL import Image
+
+    image = Image.fromarray(skimage.data.astronaut())
+    detector = pipeline("object-detection", model=str(checkpoint), threshold=0.0)
+    detections = detector(image)
+    assert len(detections) == 10  # threshold 0: one per query that predicts an object class
+    names = {"circle", "square", "triangle", "star", "cross"}
+    for detection in detections:
+        assert set(detection) == {"score", "label", "box"}
+        assert detection["label"] in names and 0 <= detection["score"] <= 1
+        box = detection["box"]
+        assert 0 <= box["xmin"] <= box["xmax"] <= image.width and 0 <= box["ymin"] <= box["ymax"] <= image.height
