@@ -39,7 +39,9 @@ class HfDetrConfig(PreTrainedConfig):
     backbone_config: dict | PreTrainedConfig | None = None  # AutoBackbone config (ResNet-50 by default)
     use_pretrained_backbone: bool = False  # load `backbone_checkpoint` weights when the model is built
     backbone_checkpoint: str = "microsoft/resnet-50"  # ImageNet weights used when use_pretrained_backbone
-    train_backbone: bool = True  # False freezes the whole backbone; True trains all but stem + first stage (as DETR)
+    train_backbone: bool = True  # False freezes the whole backbone
+    freeze_backbone_stages: int = 1  # stem + this many leading stages stay frozen (DETR: 1, for ImageNet weights)
+    freeze_backbone_batch_norm: bool = True  # DETR's frozen BN; a backbone trained from scratch needs live BN
     num_channels: int = 3  # input image channels
 
     # --- transformer ----------------------------------------------------------------------------
@@ -98,6 +100,8 @@ class HfDetrConfig(PreTrainedConfig):
         ):  # fmt: skip
             if getattr(self, field) <= 0:
                 raise ValueError(f"HfDetrConfig.{field} must be positive, got {getattr(self, field)}")
+        if self.freeze_backbone_stages < 0:
+            raise ValueError(f"HfDetrConfig.freeze_backbone_stages must be >= 0, got {self.freeze_backbone_stages}")
         for field in ("encoder_attention_heads", "decoder_attention_heads"):
             if self.d_model % getattr(self, field):
                 raise ValueError(

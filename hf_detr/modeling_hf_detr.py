@@ -120,12 +120,14 @@ class HfDetrBackbone(nn.Module):
             )
         else:
             self.model = AutoBackbone.from_config(config.backbone_config)
-        with torch.no_grad():
-            freeze_batch_norm(self.model)
+        if config.freeze_backbone_batch_norm:
+            with torch.no_grad():
+                freeze_batch_norm(self.model)
         self.num_channels = self.model.channels[-1]
+        frozen_prefixes = ("embedder.",) + tuple(f"encoder.stages.{i}." for i in range(config.freeze_backbone_stages))
         for name, parameter in self.model.named_parameters():
             # DETR trains the backbone except its stem and first stage (and none of it if asked).
-            is_early = name.startswith("embedder.") or name.startswith("encoder.stages.0.")
+            is_early = config.freeze_backbone_stages > 0 and name.startswith(frozen_prefixes)
             if not config.train_backbone or (config.backbone_config.model_type == "resnet" and is_early):
                 parameter.requires_grad_(False)
 
