@@ -1,0 +1,337 @@
+"""Detection data sources for training: COCO folders, Hub datasets and built-in synthetic shapes, all
+as `datasets.Dataset` rows of one schema. `hf_detr.transforms` turns those rows into model batches
+(annotation checks, DETR augmentation, `DetectionDataset`, `collate_fn`; re-exported here).
+
+Every source ends up with the Hub object-detection schema (as in ``cppe-5``), one row per image:
+
+    image      datasets.Image (decoded lazily, from the file path for local folders)
+    image_id   int
+    width, height  int, pixels
+    objects    {"id": [N] annotation ids, "bbox": [N,4] COCO xywh pixels,
+                "category": [N] the dataset's own category ids (COCO: sparse 1..90),
+                "area": [N], "iscrowd": [N]}
+
+A `CategoryMap` translates category ids to the contiguous labels 0..K-1 the model predicts.
+
+Bad data policy: structural errors in an annotation file (an annotation whose image or category is
+not declared) raise ValueError naming the annotation and image ids: the file must be fixed, silently
+changing the class set would be worse. Problems a training run can live with are fixed or skipped
+and counted in `DataStats` by `hf_detr.transforms` (clipped boxes, boxes with no area, crowd boxes,
+unreadable image files).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import cv2
+import datasets
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+# Re-exported: the training script gets everything data-related from this module.
+from .transforms import (  # noqa: F401
+    DataStats,
+    DetectionDataset,
+    build_eval_transform,
+    build_train_transform,
+    build_transform,
+    collate_fn,
+    scaled_sizes,
+)
+
+OBJECT_FEATURES = {
+    "id": datasets.Value("int64"),
+    "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+    "category": datasets.Value("int64"),
+    "area": datasets.Value("float32"),
+    "iscrowd": datasets.Value("int64"),
+}
+DETECTION_FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "image_id": datasets.Value("int64"),
+        "width": datasets.Value("int64"),
+        "height": datasets.Value("int64"),
+        "objects": datasets.Sequence(OBJECT_FEATURES),  # stored as a dict of per-field lists
+    }
+)
+
+
+@dataclass(frozen=True)
+class CategoryMap:
+    """Dataset category ids <-> contiguous labels 0..K-1 (label i is the i-th smallest id)."""
+
+    category_ids: list[int]
+    names: list[str]
+    _labels: dict[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.category_ids) != len(self.names):
+            raise ValueError(f"{len(self.category_ids)} category ids but {len(self.names)} names")
+        if list(self.category_ids) != sorted(set(self.category_ids)):
+            raise ValueError(f"category ids must be sorted and unique, got {self.category_ids}")
+        object.__setattr__(self, "_labels", {c: i for i, c in enumerate(self.category_ids)})
+
+    @classmethod
+    def from_coco(cls, categories: Sequence[Mapping[str, Any]]) -> CategoryMap:
+        """From a COCO json ``categories`` list of ``{"id", "name"}``."""
+        ordered = sorted(categories, key=lambda c: c["id"])
+        return cls([int(c["id"]) for c in ordered], [str(c["name"]) for c in ordered])
+
+    @classmethod
+    def from_names(cls, names: Sequence[str]) -> CategoryMap:
+        """From ClassLabel names: the ids already are the contiguous labels."""
+        return cls(list(range(len(names))), list(names))
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.category_ids)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Contiguous label -> name, for ``HfDetrConfig(id2label=...)``."""
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: label for label, name in enumerate(self.names)}
+
+    def to_label(self, category_id: int) -> int:
+        """Raises KeyError for an id not in the map."""
+        return self._labels[int(category_id)]
+
+    def to_category(self, label: int) -> int:
+        return self.category_ids[int(label)]
+
+
+class DetectionData(NamedTuple):
+    dataset: datasets.Dataset
+    categories: CategoryMap
+
+
+def load_coco_folder(root: str | Path, split: str) -> DetectionData:
+    """A COCO-layout folder (``root/annotations/instances_<split>.json``, images in ``root/<split>/``)
+    as a Hub-schema dataset. Images without annotations are kept (empty ``objects``)."""
+    root = Path(root)
+    ann_file = root / "annotations" / f"instances_{split}.json"
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"no COCO annotation file {ann_file}")
+    coco = json.loads(ann_file.read_text())
+    categories = CategoryMap.from_coco(coco["categories"])
+    known_categories = set(categories.category_ids)
+    images = sorted(coco["images"], key=lambda im: im["id"])
+    objects: dict[int, dict[str, list]] = {im["id"]: {k: [] for k in OBJECT_FEATURES} for im in images}
+    for ann in coco["annotations"]:
+        where = f"annotation {ann.get('id')} (image {ann.get('image_id')}) in {ann_file}"
+        if ann["image_id"] not in objects:
+            raise ValueError(f"{where}: image id not in the file's images")
+        if ann["category_id"] not in known_categories:
+            raise ValueError(f"{where}: category id {ann['category_id']} not in {categories.category_ids}")
+        if len(ann.get("bbox") or ()) != 4:
+            raise ValueError(f"{where}: bbox must be [x, y, width, height], got {ann.get('bbox')}")
+        obj = objects[ann["image_id"]]
+        w, h = ann["bbox"][2:]
+        for key, value in (("id", ann["id"]), ("bbox", ann["bbox"]), ("category", ann["category_id"]),
+                           ("area", ann.get("area", w * h)), ("iscrowd", ann.get("iscrowd", 0))):  # fmt: skip
+            obj[key].append(value)
+    columns = {
+        "image": [str(root / split / im["file_name"]) for im in images],  # a path: decoded on access
+        "image_id": [im["id"] for im in images],
+        "width": [im["width"] for im in images],
+        "height": [im["height"] for im in images],
+        "objects": [objects[im["id"]] for im in images],
+    }
+    return DetectionData(datasets.Dataset.from_dict(columns, features=DETECTION_FEATURES), categories)
+
+
+@dataclass(frozen=True)
+class HubDefaults:
+    bbox_format: str  # "xywh" (COCO) or "xyxy" (corners), pixels
+    train_split: str
+    eval_split: str
+
+
+HUB_DATASETS = {
+    "cppe-5": HubDefaults("xywh", "train", "test"),
+    "rishitdagli/cppe-5": HubDefaults("xywh", "train", "test"),
+    "detection-datasets/coco": HubDefaults("xyxy", "train", "val"),
+}
+
+
+def load_hub_detection_dataset(
+    name: str, split: str, bbox_format: str | None = None, categories: CategoryMap | None = None, **load_kwargs
+) -> DetectionData:
+    """``datasets.load_dataset(name, split=split)`` normalised to the Hub schema above.
+
+    ``bbox_format``: "xywh" or "xyxy" pixels; default from `HUB_DATASETS`, else "xywh".
+    ``categories``: needed only when ``objects.category`` is not a ClassLabel.
+    Missing ``iscrowd`` becomes 0, missing ``area`` w*h, a missing annotation id (``detection-datasets/
+    coco`` calls it ``bbox_id``) becomes ``row_index * 10_000 + j``. Extra columns are dropped.
+    """
+    bbox_format = bbox_format or (HUB_DATASETS[name].bbox_format if name in HUB_DATASETS else "xywh")
+    if bbox_format not in ("xywh", "xyxy"):
+        raise ValueError(f"bbox_format must be 'xywh' or 'xyxy', got {bbox_format!r}")
+    ds = datasets.load_dataset(name, split=split, **load_kwargs)
+    missing = {"image", "width", "height", "objects"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"{name} ({split}) lacks the columns {sorted(missing)} of the detection schema")
+    obj_features = ds.features["objects"]  # a dict of per-field lists, or a list of per-object dicts
+    obj_features = obj_features if isinstance(obj_features, dict) else obj_features.feature
+    category_feature = getattr(obj_features["category"], "feature", obj_features["category"])
+    if categories is None:
+        if not isinstance(category_feature, datasets.ClassLabel):
+            raise ValueError(f"{name}: objects.category is not a ClassLabel; pass categories=CategoryMap(...)")
+        categories = CategoryMap.from_names(category_feature.names)
+
+    def normalise(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out = []
+        for objs, row in zip(batch["objects"], indices):
+            if not isinstance(objs, Mapping):  # a list of per-object dicts -> dict of lists
+                keys = objs[0].keys() if objs else ("bbox", "category")
+                objs = {k: [o[k] for o in objs] for k in keys}
+            boxes = np.asarray(objs["bbox"], dtype=np.float64).reshape(-1, 4)
+            if bbox_format == "xyxy":
+                boxes[:, 2:] -= boxes[:, :2]
+            n = len(boxes)
+            ids = objs.get("id", objs.get("bbox_id")) or [row * 10_000 + j for j in range(n)]
+            out.append({
+                "id": ids, "bbox": boxes.tolist(), "category": objs["category"],
+                "area": objs.get("area") or (boxes[:, 2] * boxes[:, 3]).tolist(),
+                "iscrowd": objs.get("iscrowd") or [0] * n,
+            })  # fmt: skip
+        return {"objects": out}
+
+    # Only the objects column goes through map (a new cache file); the image bytes are never rewritten.
+    objects_features = datasets.Features({"objects": DETECTION_FEATURES["objects"]})
+    objects = ds.select_columns(["objects"]).map(normalise, batched=True, with_indices=True, features=objects_features)
+    if "image_id" not in ds.column_names:
+        ds = ds.add_column("image_id", list(range(len(ds))))
+    rest = ds.select_columns(["image", "image_id", "width", "height"])
+    ds = datasets.concatenate_datasets([rest, objects], axis=1)
+    for column in ("image_id", "width", "height"):
+        if ds.features[column] != DETECTION_FEATURES[column]:
+            ds = ds.cast_column(column, DETECTION_FEATURES[column])
+    return DetectionData(ds, categories)
+
+
+def load_detection_dataset(name_or_path: str | Path, split: str, **kwargs) -> DetectionData:
+    """A local COCO folder if ``name_or_path/annotations`` exists, else a Hub dataset."""
+    if (Path(name_or_path) / "annotations").is_dir():
+        return load_coco_folder(name_or_path, split)
+    return load_hub_detection_dataset(str(name_or_path), split, **kwargs)
+
+
+# --- Synthetic shapes -------------------------------------------------------------------------------
+
+# Sparse ids on purpose, so the id <-> label mapping is exercised as with COCO's 1..90.
+SYNTHETIC_CATEGORIES = {"rectangle": 1, "ellipse": 3, "triangle": 7, "cross": 12}
+
+
+def _draw_shape(shape: str, box: tuple[int, int, int, int], size: int, rng: np.random.Generator) -> np.ndarray:
+    """Bool mask ``[size,size]`` of one shape inscribed in ``box`` = (x0, y0, x1, y1) inclusive."""
+    mask = PIL.Image.new("L", (size, size), 0)
+    draw = PIL.ImageDraw.Draw(mask)
+    x0, y0, x1, y1 = box
+    if shape == "rectangle":
+        draw.rectangle(box, fill=1)
+    elif shape == "ellipse":
+        draw.ellipse(box, fill=1)
+    elif shape == "triangle":
+        apex = x0 + rng.uniform(0.2, 0.8) * (x1 - x0)
+        tip, base = (y0, y1) if rng.random() < 0.5 else (y1, y0)  # pointing up or down
+        draw.polygon([(apex, tip), (x0, base), (x1, base)], fill=1)
+    elif shape == "cross":
+        tx, ty = max(2, (x1 - x0) // 3), max(2, (y1 - y0) // 3)
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        draw.rectangle((x0, cy - ty // 2, x1, cy + ty // 2), fill=1)
+        draw.rectangle((cx - tx // 2, y0, cx + tx // 2, y1), fill=1)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {list(SYNTHETIC_CATEGORIES)}")
+    return np.asarray(mask, dtype=bool)
+
+
+def _synthetic_image(rng: np.random.Generator, size: int, shapes: Sequence[str], max_objects: int,
+                     empty_fraction: float) -> tuple[np.ndarray, list[dict]]:  # fmt: skip
+    """One image ``[size,size,3]`` uint8 and its objects ``{"bbox" xywh, "category_id", "area"}``.
+    Colours are random for every object, so only the outline tells the class."""
+    # Smooth random colour field plus pixel noise: a background that is not trivially uniform.
+    field_ = cv2.resize(rng.uniform(30, 225, (4, 4, 3)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+    image = field_ + rng.normal(0, 12, (size, size, 3))
+    n = 0 if rng.random() < empty_fraction else int(rng.integers(1, max_objects + 1))
+    objects, placed = [], []
+    for _ in range(n):
+        for _attempt in range(20):  # allow some overlap, but not hiding most of a shape
+            w, h = rng.integers(size * 0.15, size * 0.5, endpoint=True, size=2)
+            x0, y0 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+            box = (x0, y0, x0 + int(w) - 1, y0 + int(h) - 1)
+            if all(_overlap(box, other) <= 0.25 for other in placed):
+                break
+        else:
+            continue
+        shape = str(rng.choice(list(shapes)))
+        mask = _draw_shape(shape, box, size, rng)
+        background = image[mask].mean(axis=0)
+        colour = rng.uniform(0, 255, 3)
+        while np.abs(colour - background).sum() < 120:  # keep the shape visible
+            colour = rng.uniform(0, 255, 3)
+        image[mask] = colour + rng.normal(0, 8, (int(mask.sum()), 3))
+        ys, xs = np.nonzero(mask)
+        bbox = [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
+        objects.append({"bbox": bbox, "category_id": SYNTHETIC_CATEGORIES[shape], "area": float(mask.sum())})
+        placed.append(box)
+    return np.clip(image, 0, 255).astype(np.uint8), objects
+
+
+def _overlap(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    """Intersection over the smaller box, inclusive pixel boxes (x0, y0, x1, y1)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    smaller = min((a[2] - a[0] + 1) * (a[3] - a[1] + 1), (b[2] - b[0] + 1) * (b[3] - b[1] + 1))
+    return max(iw, 0) * max(ih, 0) / smaller
+
+
+def make_synthetic_coco(
+    root: str | Path,
+    num_train: int = 512,
+    num_val: int = 128,
+    image_size: int = 128,
+    shapes: Sequence[str] = ("rectangle", "ellipse", "triangle"),
+    max_objects: int = 4,
+    empty_fraction: float = 0.1,
+    seed: int = 0,
+) -> Path:
+    """Write a COCO folder of JPEG shape images (splits "train" and "val") under ``root``; return it.
+
+    Load it with ``load_coco_folder(root, "train")``. Deterministic for given arguments; a marker file
+    with the arguments, written last, makes a second call with the same arguments a no-op.
+    """
+    root = Path(root)
+    params = dict(num_train=num_train, num_val=num_val, image_size=image_size, shapes=list(shapes),
+                  max_objects=max_objects, empty_fraction=empty_fraction, seed=seed)  # fmt: skip
+    marker = root / "synthetic_done.json"
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return root
+    marker.unlink(missing_ok=True)
+    categories = [{"id": SYNTHETIC_CATEGORIES[s], "name": s, "supercategory": "shape"} for s in shapes]
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
+        (root / split).mkdir(exist_ok=True)
+        images, annotations = [], []
+        for i in range(count):
+            rng = np.random.default_rng([seed, split_index, i])  # per image: order-independent
+            pixels, objects = _synthetic_image(rng, image_size, shapes, max_objects, empty_fraction)
+            file_name = f"{i:06d}.jpg"
+            PIL.Image.fromarray(pixels).save(root / split / file_name, quality=90)
+            images.append({"id": i + 1, "file_name": file_name, "width": image_size, "height": image_size})
+            for obj in objects:
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "iscrowd": 0, **obj})
+        coco = {"images": images, "annotations": annotations, "categories": categories}
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+    marker.write_text(json.dumps(params))
+    return root
