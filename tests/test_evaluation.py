@@ -297,30 +297,122 @@ with open({out!r} + f"/rank{{state.process_index}}.json", "w") as f:
 """
 
 
-def _free_port():
+def run_two_processes(script_template, tmp_path):
+    """Run a script under `torch.distributed.run` with 2 CPU processes (gloo); outputs go to tmp_path."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    script = tmp_path / "run.py"
+    paths = dict(repo=str(REPO_ROOT), tests=str(REPO_ROOT / "tests"), out=str(tmp_path))
+    script.write_text(textwrap.dedent(script_template).format(**paths))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={port}", str(script),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def test_two_process_gather_deduplicates_and_matches_single_process(tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(
-        textwrap.dedent(DISTRIBUTED_SCRIPT).format(
-            repo=str(REPO_ROOT), tests=str(REPO_ROOT / "tests"), out=str(tmp_path)
-        )
-    )
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script),
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
+    run_two_processes(DISTRIBUTED_SCRIPT, tmp_path)
     examples = make_examples(num_images=7)
     expected = evaluate(examples, noisy_results(examples))
     for rank in (0, 1):
         output = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert output["num_images"] == 7
         assert output["metrics"] == expected
+
+
+# --- evaluate_model with a real (tiny, random) model --------------------------------------------------
+# Ground truth = the model's own confident predictions, decoded by hand from logits / pred_boxes of
+# single-image forward passes. evaluate_model must then score mAP 1.0: any slip in batching,
+# target_sizes (height, width) order, box format or label -> category mapping lowers it.
+
+EVAL_MODEL_SCRIPT = """
+import json, sys
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+from accelerate import Accelerator
+from test_evaluation import self_labelled_setup
+from hf_detr.evaluation import evaluate_model
+
+accelerator = Accelerator(cpu=True)
+model, processor, examples = self_labelled_setup(num_images=7)
+metrics = evaluate_model(model, processor, examples, CATEGORY_IDS, batch_size=2, accelerator=accelerator)
+with open({out!r} + f"/rank{{accelerator.process_index}}.json", "w") as f:
+    json.dump({{"metrics": metrics, "num_processes": accelerator.num_processes}}, f)
+""".replace("CATEGORY_IDS", repr(CATEGORY_IDS))
+
+
+def self_labelled_setup(num_images=5, width=120, height=80):
+    import PIL.Image
+
+    import hf_detr
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config(num_labels=3, category_ids=CATEGORY_IDS)
+    model = hf_detr.HfDetrForObjectDetection(config).eval()
+    processor = hf_detr.HfDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    rng = np.random.default_rng(0)
+    # One size for all images: batches need no padding, so batched outputs equal single-image ones.
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(num_images)]
+    with torch.no_grad():
+        outputs = [model(**processor(images=[image], return_tensors="pt")) for image in images]
+    # Score and label as DETR post-processing does: softmax, best class except the last ("no object").
+    scores_labels = [out.logits[0].softmax(-1)[:, :-1].max(-1) for out in outputs]
+    # One threshold over all images: COCOeval ranks detections across images, so every kept
+    # (ground-truth) detection must outscore every dropped one, not only within its image.
+    threshold = torch.cat([scores for scores, _ in scores_labels]).median()
+    examples = []
+    for i, (image, out, (scores, labels)) in enumerate(zip(images, outputs, scores_labels)):
+        keep = scores > threshold
+        cx, cy, w, h = out.pred_boxes[0][keep].unbind(-1)  # cxcywh, 0..1
+        boxes = torch.stack([(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height], -1)
+        examples.append(
+            {
+                "image": image,
+                "image_id": 500 + i,
+                "width": width,
+                "height": height,
+                "objects": {
+                    "id": list(range(len(boxes))),
+                    "bbox": boxes.tolist(),
+                    "category": [CATEGORY_IDS[label] for label in labels[keep].tolist()],
+                    "area": (boxes[:, 2] * boxes[:, 3]).tolist(),
+                    "iscrowd": [0] * len(boxes),
+                },
+            }
+        )
+    return model, processor, examples
+
+
+@pytest.mark.parametrize("container", ["list", "datasets"])
+def test_evaluate_model_scores_the_models_own_predictions_perfectly(container):
+    from hf_detr.evaluation import evaluate_model
+
+    model, processor, examples = self_labelled_setup()
+    dataset = examples
+    if container == "datasets":
+        import datasets
+
+        dataset = datasets.Dataset.from_list(examples).cast_column("image", datasets.Image())
+    model.train()  # evaluate_model switches to eval mode and back
+    metrics = evaluate_model(model, processor, dataset, _CategoryMap(), batch_size=2)
+    assert model.training
+    assert metrics["map"] == pytest.approx(1.0)
+    assert metrics["mar_100"] == pytest.approx(1.0)
+    # The same predictions against categories shifted by one label: nothing matches.
+    shifted = [CATEGORY_IDS[1], CATEGORY_IDS[2], CATEGORY_IDS[0]]
+    assert evaluate_model(model, processor, examples, shifted, batch_size=3)["map"] < 0.5
+
+
+def test_evaluate_model_under_two_processes(tmp_path):
+    # 7 images, 2 processes, batch 2: the sharded loader pads with repeated images; gather + dedup
+    # must still score exactly the 7 images, each once.
+    run_two_processes(EVAL_MODEL_SCRIPT, tmp_path)
+    for rank in (0, 1):
+        output = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert output["num_processes"] == 2
+        assert output["metrics"]["map"] == pytest.approx(1.0)

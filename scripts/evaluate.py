@@ -1,0 +1,95 @@
+"""COCO box metrics of a checkpoint on one split of a detection dataset.
+
+    python scripts/evaluate.py --model_name_or_path outputs/hf-detr-synthetic --dataset_name outputs/synthetic-coco
+    python scripts/evaluate.py --model_name_or_path user/detr-coco --dataset_name detection-datasets/coco --split val
+    accelerate launch scripts/evaluate.py ...    # shards the split over processes, same numbers
+
+The checkpoint is loaded with `AutoModelForObjectDetection` / `AutoImageProcessor` (hf_detr registers
+itself with them); the split goes through processor, model and `post_process_object_detection` with
+the original image sizes, and pycocotools' COCOeval scores it (`hf_detr.evaluation.evaluate_model`).
+The metrics are printed as JSON and, with --output_file, written there.
+"""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from accelerate import Accelerator
+from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+import hf_detr  # noqa: F401  (registers hf_detr with the Auto classes)
+from hf_detr.data import load_detection_dataset
+from hf_detr.evaluation import evaluate_model
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", required=True, help="checkpoint folder or Hub model id")
+    p.add_argument("--dataset_name", required=True, help="Hub dataset id or local COCO folder")
+    p.add_argument("--split", default="val", help="split name (COCO folders: instances_<split>.json)")
+    p.add_argument("--bbox_format", choices=["xywh", "xyxy"], default=None, help="Hub datasets: box format")
+    p.add_argument("--max_eval_samples", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    p.add_argument("--threshold", type=float, default=0.0, help="post-processing score threshold")
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--revision", default=None, help="Hub revision of the checkpoint")
+    p.add_argument("--trust_remote_code", action="store_true", help="for checkpoints of other model types")
+    p.add_argument("--output_file", default=None, help="write the metrics JSON here too")
+    return p.parse_args(argv)
+
+
+def label_to_category(config, categories):
+    """What a predicted label means as a dataset category id.
+
+    The checkpoint's own `category_ids` win (train.py stores them); a checkpoint without them whose
+    label count matches the dataset uses the dataset's sorted-id map; otherwise the labels are taken
+    to be the category ids themselves, as in the original DETR checkpoints (91 COCO id slots).
+    """
+    if getattr(config, "category_ids", None):
+        if list(config.category_ids) != list(categories.category_ids):
+            logger.warning("checkpoint category ids differ from the dataset's; using the checkpoint's")
+        return list(config.category_ids)
+    if config.num_labels == categories.num_labels:
+        return categories
+    logger.warning(f"{config.num_labels} labels for {categories.num_labels} categories: labels taken as category ids")
+    return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = Accelerator()
+
+    kwargs = dict(revision=args.revision, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForObjectDetection.from_pretrained(args.model_name_or_path, **kwargs).to(accelerator.device)
+    image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, **kwargs)
+    load_kwargs = {"bbox_format": args.bbox_format} if args.bbox_format else {}
+    dataset, categories = load_detection_dataset(args.dataset_name, args.split, **load_kwargs)
+    if args.max_eval_samples is not None:
+        dataset = dataset.select(range(min(args.max_eval_samples, len(dataset))))
+    logger.info(f"{len(dataset)} images of {args.dataset_name} [{args.split}], {accelerator.num_processes} process(es)")
+
+    metrics = evaluate_model(
+        model,
+        image_processor,
+        dataset,
+        label_to_category(model.config, categories),
+        batch_size=args.per_device_eval_batch_size,
+        accelerator=accelerator,
+        threshold=args.threshold,
+        num_workers=args.dataloader_num_workers,
+    )
+    if accelerator.is_main_process:  # every process holds the same numbers; one prints them
+        text = json.dumps(metrics, indent=2)
+        print(text)
+        if args.output_file:
+            Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output_file).write_text(text + "\n")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
