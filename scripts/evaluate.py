@@ -70,7 +70,8 @@ def main(argv=None):
     dataset, categories = load_detection_dataset(args.dataset_name, args.split, **load_kwargs)
     if args.max_eval_samples is not None:
         dataset = dataset.select(range(min(args.max_eval_samples, len(dataset))))
-    logger.info(f"{len(dataset)} images of {args.dataset_name} [{args.split}], {accelerator.num_processes} process(es)")
+    if accelerator.is_main_process:
+        logger.info(f"{len(dataset)} images of {args.dataset_name} [{args.split}], {accelerator.num_processes} process(es)")
 
     metrics = evaluate_model(
         model,
