@@ -71,7 +71,8 @@ def main(argv=None):
     if args.max_eval_samples is not None:
         dataset = dataset.select(range(min(args.max_eval_samples, len(dataset))))
     if accelerator.is_main_process:
-        logger.info(f"{len(dataset)} images of {args.dataset_name} [{args.split}], {accelerator.num_processes} process(es)")
+        where = f"{args.dataset_name} [{args.split}]"
+        logger.info(f"{len(dataset)} images of {where}, {accelerator.num_processes} process(es)")
 
     metrics = evaluate_model(
         model,
