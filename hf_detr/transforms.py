@@ -296,7 +296,13 @@ class DetectionDataset(torch.utils.data.Dataset):
     ``crowd_class_labels`` in the same formats.
     """
 
-    def __init__(self, dataset: datasets.Dataset, categories: CategoryMap, transform: DetrTransform):
+    def __init__(
+        self, dataset: datasets.Dataset, categories: CategoryMap, transform: DetrTransform, seed: int | None = None
+    ):
+        # seed: with a seed, the augmentation of each example is drawn from (seed, epoch, index) alone,
+        # so it does not depend on DataLoader workers or on where a resumed run starts; call
+        # `set_epoch` before each epoch. Without one, each worker draws from its own stream.
+        self.seed, self.epoch = seed, 0
         # decode=False: we decode ourselves, so an unreadable file can be named and skipped.
         self.dataset = dataset.cast_column("image", datasets.Image(decode=False))
         self.categories = categories
@@ -326,9 +332,14 @@ class DetectionDataset(torch.utils.data.Dataset):
             self._unreadable[index] = True
             return None
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         worker = torch.utils.data.get_worker_info()
-        if worker is not None and self._worker_id != worker.id:
+        if self.seed is not None:
+            self.transform.set_seed(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+        elif worker is not None and self._worker_id != worker.id:
             # Workers start as copies of one augmentation RNG; give each its own (torch's per-worker seed).
             self._worker_id = worker.id
             self.transform.set_seed(worker.seed)

@@ -33,9 +33,10 @@ logger = get_logger(__name__)
 # The default run: a DETR small enough to train from scratch on 2 CPU cores in minutes.
 SMALL_MODEL = dict(
     backbone_config=dict(
-        model_type="resnet", embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 2, 1],
-        layer_type="basic", out_features=["stage3"],
+        model_type="resnet", embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 2],
+        layer_type="basic", out_features=["stage3"],  # stride 16: an 8x8 feature map for 128-pixel images
     ),
+    freeze_backbone_stages=0, freeze_backbone_batch_norm=False,  # trained from scratch: train all of it, live BN
     d_model=128, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
     encoder_ffn_dim=256, decoder_ffn_dim=256, num_queries=10, dropout=0.0,
 )  # fmt: skip
@@ -73,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--report_to", default="tensorboard")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--synthetic_train_images", type=int, default=None)
+    p.add_argument("--synthetic_val_images", type=int, default=None)
     return p.parse_args(argv)
 
 
@@ -81,7 +83,8 @@ def apply_defaults(args):
     synthetic = args.dataset_name is None
     defaults = (
         dict(image_size=128, max_size=128, num_train_epochs=30, per_device_train_batch_size=16,
-             per_device_eval_batch_size=32, learning_rate=5e-4, backbone_learning_rate=5e-4, synthetic_train_images=1200)
+             per_device_eval_batch_size=32, learning_rate=5e-4, backbone_learning_rate=5e-4,
+             synthetic_train_images=1200, synthetic_val_images=200)
         if synthetic
         else dict(image_size=800, max_size=1333, num_train_epochs=300, per_device_train_batch_size=4,
                   per_device_eval_batch_size=4, learning_rate=1e-4, backbone_learning_rate=1e-5)
@@ -95,19 +98,20 @@ def apply_defaults(args):
 def load_data(args, accelerator):
     """-> (train Hub-schema dataset, eval dataset, CategoryMap, dataset label for the card)."""
     if args.dataset_name is None:
-        root = Path(os.environ.get("HF_DETR_CACHE", Path.home() / ".cache" / "hf_detr")) / f"synthetic-{args.synthetic_train_images}"
+        cache = Path(os.environ.get("HF_DETR_CACHE", Path.home() / ".cache" / "hf_detr"))
+        root = cache / f"synthetic-{args.synthetic_train_images}-{args.synthetic_val_images}"
         with accelerator.main_process_first():  # one process writes the images, the others wait
-            detr_data.make_synthetic_coco(root, num_train=args.synthetic_train_images, seed=0)
+            detr_data.make_synthetic_coco(root, num_train=args.synthetic_train_images, num_val=args.synthetic_val_images, seed=0)
         train, categories = detr_data.load_coco_folder(root, "train")
         val, _ = detr_data.load_coco_folder(root, "val")
         return train, val, categories, "hf_detr synthetic shapes"
-    if Path(args.dataset_name).is_dir():
-        train_split, eval_split = args.train_split or "train2017", args.eval_split or "val2017"
-        train, categories = detr_data.load_coco_folder(args.dataset_name, train_split)
-        val, _ = detr_data.load_coco_folder(args.dataset_name, eval_split)
-        return train, val, categories, Path(args.dataset_name).name
-    train, categories = detr_data.load_hub_detection_dataset(args.dataset_name, args.train_split, bbox_format=args.bbox_format)
-    val, _ = detr_data.load_hub_detection_dataset(args.dataset_name, args.eval_split, bbox_format=args.bbox_format)
+    is_coco_folder = (Path(args.dataset_name) / "annotations").is_dir()
+    known = detr_data.HUB_DATASETS.get(args.dataset_name)
+    train_split = args.train_split or ("train2017" if is_coco_folder else known.train_split if known else "train")
+    eval_split = args.eval_split or ("val2017" if is_coco_folder else known.eval_split if known else "validation")
+    hub_kwargs = {} if is_coco_folder else {"bbox_format": args.bbox_format}
+    train, categories = detr_data.load_detection_dataset(args.dataset_name, train_split, **hub_kwargs)
+    val, _ = detr_data.load_detection_dataset(args.dataset_name, eval_split, **hub_kwargs)
     return train, val, categories, args.dataset_name
 
 
@@ -157,6 +161,9 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
 def train(args):
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
+        # Without a GPU, processes started by `accelerate launch --multi_gpu --num_processes N` (torchrun)
+        # must be told they are CPU workers to join one gloo group (accelerate's `--cpu` launches one process).
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -165,12 +172,13 @@ def train(args):
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
+    logger.info(f"{accelerator.num_processes} process(es), {accelerator.distributed_type}, device {accelerator.device}")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     train_data, eval_data, categories, dataset_label = load_data(args, accelerator)
     train_transform = detr_data.build_transform(train=True, image_size=args.image_size, max_size=args.max_size)
-    train_set = detr_data.DetectionDataset(train_data, categories, train_transform)
+    train_set = detr_data.DetectionDataset(train_data, categories, train_transform, seed=args.seed)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.per_device_train_batch_size, shuffle=True,
         collate_fn=detr_data.collate_fn, num_workers=args.num_workers, drop_last=True,
@@ -190,6 +198,8 @@ def train(args):
         accelerator.init_trackers("hf_detr", {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)})
 
     completed_steps, start_epoch, skip_batches = 0, 0, 0
+    if not args.resume_from_checkpoint and accelerator.is_main_process:
+        (output_dir / "train_log.jsonl").unlink(missing_ok=True)
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
         accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, RNG states, sampler
@@ -202,7 +212,8 @@ def train(args):
     metrics, last_losses = {}, {}
     for epoch in range(start_epoch, num_epochs):
         model.train()
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch)  # the shuffling order
+        train_set.set_epoch(epoch)  # the augmentation
         epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if epoch == start_epoch and skip_batches else loader
         for batch in epoch_loader:
             if batch is None:  # every image of this batch was unreadable (warned and counted by the dataset)
@@ -220,6 +231,9 @@ def train(args):
             completed_steps += 1
             progress.update(1)
             last_losses = {"loss": outputs.loss.item(), **{k: v.item() for k, v in outputs.loss_dict.items()}}
+            if accelerator.is_main_process:  # one line per optimizer step, also read by the resume test
+                with open(output_dir / "train_log.jsonl", "a") as log:
+                    log.write(json.dumps({"step": completed_steps, **last_losses}) + "\n")
             progress.set_postfix(loss=f"{last_losses['loss']:.3f}")
             if args.with_tracking:
                 accelerator.log({f"train/{k}": v for k, v in last_losses.items()} | {"lr": scheduler.get_last_lr()[0]}, step=completed_steps)
