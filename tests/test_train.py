@@ -62,6 +62,18 @@ def test_default_run_in_one_process(tmp_path):
     launch(tmp_path, *TINY_RUN, "--max_train_steps", "3", "--output_dir", str(output_dir), "--with_tracking")
     check_output_dir(output_dir, 3)
     assert list((output_dir / "logs").rglob("events.out.tfevents*")), "no TensorBoard log"
+    # scripts/evaluate.py on the same checkpoint and split reproduces the training run's numbers
+    metrics_file = tmp_path / "metrics.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model_name_or_path", str(output_dir),
+         "--dataset_name", str(tmp_path / "cache" / "synthetic-16-6"), "--split", "val", "--output_file", str(metrics_file)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((output_dir / "eval_results.json").read_text())
+    evaluated = json.loads(metrics_file.read_text())
+    for key in ("map", "map_50", "mar_100"):
+        assert evaluated[key] == pytest.approx(trained[key], abs=1e-6), key
 
 
 def test_two_processes(tmp_path):
