@@ -7,12 +7,16 @@ Three key layouts reach us, all mapped by the same table of renames onto our sta
   `no_timm` revision's AutoBackbone keys, and `out_proj` / `fc1` at layer level;
 - the original facebookresearch/detr `.pth` (`backbone.0.body.`, `transformer.`, fused `in_proj_weight`).
 timm and torchvision ResNets share their key names, so both map onto transformers' ResNet.
+
+`convert_checkpoint` reads any of them from disk or the Hub; scripts/convert_detr_checkpoint.py wraps it.
 """
 
+import argparse
 import re
+from pathlib import Path
 
 import torch
-from transformers import ResNetConfig
+from transformers import DetrConfig, PreTrainedConfig, ResNetConfig
 
 from .configuration_hf_detr import HfDetrConfig
 from .modeling_hf_detr import HfDetrForObjectDetection
@@ -87,6 +91,13 @@ def resnet_backbone_config(depth: int) -> ResNetConfig:
     return ResNetConfig(depths=depths[depth], layer_type="bottleneck", hidden_sizes=[256, 512, 1024, 2048], out_features=["stage4"])
 
 
+def _coco_names_if_default(id2label: dict[int, str]) -> dict[int, str]:
+    """DETR's 91 COCO slots get their names when a checkpoint only has transformers' LABEL_i ones."""
+    if len(id2label) == len(COCO_CATEGORIES) and all(name == f"LABEL_{i}" for i, name in id2label.items()):
+        return dict(COCO_CATEGORIES)
+    return dict(id2label)
+
+
 def config_from_detr_config(detr_config) -> HfDetrConfig:
     """transformers' DetrConfig -> HfDetrConfig with the same architecture, costs and labels."""
     if detr_config.position_embedding_type != "sine":
@@ -104,20 +115,31 @@ def config_from_detr_config(detr_config) -> HfDetrConfig:
     ]  # fmt: skip
     kwargs = {name: getattr(detr_config, name) for name in same}
     kwargs.update({name: float(getattr(detr_config, name)) for name in ("class_cost", "bbox_cost", "giou_cost")})
-    kwargs.update(bbox_loss_coefficient=float(detr_config.bbox_loss_coefficient), giou_loss_coefficient=float(detr_config.giou_loss_coefficient))
-    return HfDetrConfig(backbone_config=backbone, id2label=dict(detr_config.id2label), **kwargs)
+    kwargs.update({name: float(getattr(detr_config, name)) for name in ("bbox_loss_coefficient", "giou_loss_coefficient")})
+    return HfDetrConfig(backbone_config=backbone, id2label=_coco_names_if_default(detr_config.id2label), **kwargs)
 
 
-def config_from_original_state_dict(state_dict: dict[str, torch.Tensor], num_heads: int = 8) -> HfDetrConfig:
+def config_from_original_state_dict(
+    state_dict: dict[str, torch.Tensor], num_heads: int = 8, backbone_config: PreTrainedConfig | None = None
+) -> HfDetrConfig:
     """Infer the architecture of an original facebookresearch/detr checkpoint from its tensors.
-    The head count is not stored in the weights: DETR's published models all use 8."""
+
+    The head count is not stored in the weights: DETR's published models all use 8. The backbone is
+    ResNet-50 or -101, told apart by the block count of layer3 (6 or 23), unless `backbone_config`
+    (an AutoBackbone config with the same layout, e.g. a tiny ResNet in tests) is given."""
     def count(prefix):
         return len({k.split(".")[3] for k in state_dict if k.startswith(prefix)})
 
+    if "class_embed.weight" not in state_dict:
+        raise ValueError("not an original DETR detection state dict (no `class_embed.weight`; panoptic models are not supported)")
     num_classes = state_dict["class_embed.weight"].shape[0] - 1
-    depth = {6: 50, 23: 101}[len({k.split(".")[4] for k in state_dict if k.startswith("backbone.0.body.layer3.")})]
+    if backbone_config is None:
+        layer3_blocks = len({k.split(".")[4] for k in state_dict if k.startswith("backbone.0.body.layer3.")})
+        if layer3_blocks not in (6, 23):
+            raise ValueError(f"layer3 has {layer3_blocks} blocks: neither ResNet-50 (6) nor ResNet-101 (23); pass backbone_config")
+        backbone_config = resnet_backbone_config({6: 50, 23: 101}[layer3_blocks])
     return HfDetrConfig(
-        backbone_config=resnet_backbone_config(depth),
+        backbone_config=backbone_config,
         d_model=state_dict["query_embed.weight"].shape[1],
         num_queries=state_dict["query_embed.weight"].shape[0],
         encoder_layers=count("transformer.encoder.layers."),
@@ -127,7 +149,7 @@ def config_from_original_state_dict(state_dict: dict[str, torch.Tensor], num_hea
         encoder_ffn_dim=state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0],
         decoder_ffn_dim=state_dict["transformer.decoder.layers.0.linear1.weight"].shape[0],
         normalize_before="transformer.encoder.norm.weight" in state_dict,
-        id2label={i: COCO_CATEGORIES.get(i, "N/A") for i in range(num_classes)} if num_classes == 91 else None,
+        id2label=dict(COCO_CATEGORIES) if num_classes == len(COCO_CATEGORIES) else None,
         num_labels=num_classes,
     )
 
@@ -146,3 +168,70 @@ def convert_transformers_detr(model) -> HfDetrForObjectDetection:
     """A transformers `DetrForObjectDetection` in, an `HfDetrForObjectDetection` with the same weights
     (and matching outputs) out."""
     return load_converted(config_from_detr_config(model.config), model.state_dict())
+
+
+def read_original_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], argparse.Namespace | None]:
+    """A facebookresearch/detr `.pth` -> (its "model" state dict, its training `args` if saved).
+    Read with weights_only=True: tensors and containers only, plus the plain attribute bag
+    argparse.Namespace that DETR's main.py stores beside the weights of its training checkpoints."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ValueError(f"{path}: expected a DETR checkpoint {{'model': state_dict, ...}}")
+    return checkpoint["model"], checkpoint.get("args")
+
+
+def read_transformers_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The raw state dict of a transformers checkpoint folder: model*.safetensors, else pytorch_model*.bin
+    (weights_only). Keys are left as saved; convert_state_dict maps them."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if shards := sorted(folder.glob("model*.safetensors")):
+        return {key: value for shard in shards for key, value in load_file(shard).items()}
+    if shards := sorted(folder.glob("pytorch_model*.bin")):
+        return {key: value for shard in shards for key, value in torch.load(shard, map_location="cpu", weights_only=True).items()}
+    raise FileNotFoundError(f"{folder}: no model*.safetensors or pytorch_model*.bin")
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """config.json and the weights of a Hub checkpoint: safetensors when the revision has them,
+    else the .bin files (facebook/detr-* revisions differ in which they carry)."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", "model*.safetensors*"]))
+    if not any(folder.glob("model*.safetensors")):
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", "pytorch_model*.bin*"]))
+    return folder
+
+
+def convert_checkpoint(
+    checkpoint: str | Path,
+    revision: str | None = None,
+    num_heads: int | None = None,
+    backbone_config: PreTrainedConfig | None = None,
+) -> HfDetrForObjectDetection:
+    """Published DETR weights -> an `HfDetrForObjectDetection` in eval mode, failing on any key that
+    does not fit.
+
+    checkpoint: an original facebookresearch/detr `.pth` file; a local transformers DETR folder
+    (config.json + model.safetensors or pytorch_model.bin); or a Hub id such as
+    "facebook/detr-resnet-50" (`revision`, e.g. "no_timm", picks the Hub revision).
+    num_heads, backbone_config: `.pth` only, where the tensors do not tell them (see
+    config_from_original_state_dict). The head count defaults to the checkpoint's saved `args.nheads`,
+    else 8. DETR-DC5 weights have the same tensors as the plain models: a `.pth` without `args` cannot be
+    told apart, so convert only non-DC5 ones.
+    """
+    path = Path(checkpoint)
+    if path.suffix in (".pth", ".pt") and not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    if path.is_file():
+        state_dict, args = read_original_checkpoint(path)
+        if getattr(args, "dilation", False):
+            raise ValueError("DETR-DC5 (dilation=True) is not supported")
+        num_heads = num_heads or getattr(args, "nheads", None) or 8
+        return load_converted(config_from_original_state_dict(state_dict, num_heads, backbone_config), state_dict)
+    folder = path if path.is_dir() else _download(str(checkpoint), revision)
+    # DetrConfig only reads the json: a timm backbone entry needs no timm (config_from_detr_config maps it).
+    config = config_from_detr_config(DetrConfig.from_pretrained(folder))
+    return load_converted(config, read_transformers_weights(folder))

@@ -1,0 +1,48 @@
+"""Convert published DETR weights into an hf_detr checkpoint folder.
+
+    python scripts/convert_detr_checkpoint.py --checkpoint facebook/detr-resnet-50 --output_dir outputs/detr-resnet-50
+    python scripts/convert_detr_checkpoint.py --checkpoint facebook/detr-resnet-50 --revision no_timm --output_dir ...
+    python scripts/convert_detr_checkpoint.py --checkpoint detr-r50-e632da11.pth --output_dir ...   # facebookresearch/detr
+    python scripts/convert_detr_checkpoint.py --checkpoint path/to/transformers_detr_folder --output_dir ...
+
+--checkpoint is a Hub id, a local transformers DETR folder (config.json + model.safetensors or
+pytorch_model.bin), or an original facebookresearch/detr `.pth` (read with weights_only=True). The
+output folder holds the model (config.json with COCO's 91 label slots for COCO models, weights and the
+model-surface files for trust_remote_code) and the image processor, ready for `from_pretrained`,
+`AutoImageProcessor` and `pipeline("object-detection")`. The conversion itself is
+`hf_detr.convert.convert_checkpoint`.
+"""
+
+import argparse
+import logging
+
+from hf_detr import HfDetrImageProcessor
+from hf_detr.convert import convert_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="Hub id, transformers DETR folder, or original DETR .pth")
+    p.add_argument("--output_dir", required=True, help="where to write the hf_detr checkpoint")
+    p.add_argument("--revision", default=None, help="Hub revision, e.g. no_timm")
+    p.add_argument(
+        "--num_heads", type=int, default=None, help=".pth only: attention heads (default: the saved args, else 8)"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    model = convert_checkpoint(args.checkpoint, revision=args.revision, num_heads=args.num_heads)
+    model.save_pretrained(args.output_dir)
+    HfDetrImageProcessor().save_pretrained(args.output_dir)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    summary = f"{num_parameters / 1e6:.1f}M parameters, {model.config.num_labels} labels"
+    logger.info(f"{args.checkpoint} -> {args.output_dir} ({summary})")
+
+
+if __name__ == "__main__":
+    main()
