@@ -263,7 +263,11 @@ def train(args):
         results = {**metrics, "train_steps": completed_steps, "final_train_loss": last_losses.get("loss"), "data_stats": train_set.stats.as_dict()}
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
         training_args = {k: v for k, v in vars(args).items() if k != "hub_token"}
-        card = render_model_card(metrics=metrics, dataset_name=dataset_label, training_args=training_args, model_id=args.hub_model_id)
+        base_model = args.model_name_or_path if args.model_name_or_path and not Path(args.model_name_or_path).exists() else None
+        card = render_model_card(
+            metrics=metrics, dataset_name=dataset_label, training_args=training_args, model_id=args.hub_model_id,
+            dataset_split=args.eval_split or "val", base_model=base_model, model_config=unwrapped.config,
+        )  # fmt: skip
         (output_dir / "README.md").write_text(card)
         logger.info(f"run summary: {completed_steps} steps, final loss {last_losses.get('loss')}, data {train_set.stats.as_dict()}")
         logger.info(f"saved to {output_dir}; map {metrics.get('map', float('nan')):.4f}")
