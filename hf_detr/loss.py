@@ -26,19 +26,30 @@ def check_labels(labels: list[dict], num_labels: int) -> None:
                 f"labels[{image_index}]: 'boxes' must be [N, 4] with N = len(class_labels) = {len(classes)}, "
                 f"got shape {tuple(boxes.shape)}"
             )
-        if len(boxes) == 0:
-            continue
-        bad_box = ~(torch.isfinite(boxes).all(-1) & (boxes >= 0).all(-1) & (boxes <= 1).all(-1) & (boxes[:, 2:] > 0).all(-1))
-        bad_class = (classes < 0) | (classes >= num_labels)
-        bad = bad_box | bad_class
-        if bad.any():
-            position = int(bad.nonzero()[0])
-            what = (
-                f"box {boxes[position].tolist()} is not a finite cxcywh box in [0, 1] with positive size"
-                if bad_box[position]
-                else f"class id {int(classes[position])} is outside [0, {num_labels})"
-            )
-            raise ValueError(f"labels[{image_index}], annotation {position}: {what}")
+    if not labels:
+        return
+    # One check over the whole batch (a handful of tensor ops, one host sync); only a failure pays for
+    # the search of the first bad annotation.
+    classes, boxes = torch.cat([t["class_labels"] for t in labels]), torch.cat([t["boxes"] for t in labels])
+    bad = _bad_boxes(boxes) | (classes < 0) | (classes >= num_labels)
+    if not bad.any():
+        return
+    position = int(bad.nonzero()[0])
+    sizes = torch.tensor([len(t["class_labels"]) for t in labels]).cumsum(0)
+    image_index = int((sizes <= position).sum())
+    position -= int(sizes[image_index - 1]) if image_index else 0
+    box, class_id = labels[image_index]["boxes"][position], int(labels[image_index]["class_labels"][position])
+    what = (
+        f"box {box.tolist()} is not a finite cxcywh box in [0, 1] with positive size"
+        if _bad_boxes(box[None])[0]
+        else f"class id {class_id} is outside [0, {num_labels})"
+    )
+    raise ValueError(f"labels[{image_index}], annotation {position}: {what}")
+
+
+def _bad_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """[N, 4] cxcywh -> [N] True where a box is not finite, leaves [0, 1] or has no size."""
+    return ~(torch.isfinite(boxes).all(-1) & (boxes >= 0).all(-1) & (boxes <= 1).all(-1) & (boxes[:, 2:] > 0).all(-1))
 
 
 def num_boxes_across_processes(labels: list[dict], device: torch.device) -> float:
@@ -90,15 +101,14 @@ class SetCriterion(nn.Module):
         indices = self.matcher.match_layers(logits.detach(), pred_boxes.detach(), labels)
 
         # Flatten the matches of all layers and images into (layer, image, query) -> target rows.
-        offsets = torch.tensor([0] + [len(t["class_labels"]) for t in labels]).cumsum(0)
-        layer_idx, image_idx, query_idx, target_idx = [], [], [], []
-        for layer, layer_indices in enumerate(indices):
-            for image, (queries, targets) in enumerate(layer_indices):
-                layer_idx.append(torch.full_like(queries, layer))
-                image_idx.append(torch.full_like(queries, image))
-                query_idx.append(queries)
-                target_idx.append(targets + offsets[image])
-        layer_idx, image_idx, query_idx, target_idx = (torch.cat(i).to(device) for i in (layer_idx, image_idx, query_idx, target_idx))
+        pairs = [pair for layer_indices in indices for pair in layer_indices]  # layer-major, image-minor
+        matches_per_pair = torch.tensor([len(query) for query, _ in pairs])
+        layer_image = torch.arange(num_layers * batch).repeat_interleave(matches_per_pair)
+        layer_idx, image_idx = layer_image // batch, layer_image % batch
+        offsets = torch.tensor([0] + [len(t["class_labels"]) for t in labels[:-1]]).cumsum(0)
+        query_idx = torch.cat([query for query, _ in pairs])
+        target_idx = torch.cat([target for _, target in pairs]) + offsets[image_idx]
+        layer_idx, image_idx, query_idx, target_idx = (i.to(device) for i in (layer_idx, image_idx, query_idx, target_idx))
         target_classes_all = torch.cat([t["class_labels"] for t in labels])
         target_boxes_all = torch.cat([t["boxes"] for t in labels]).to(pred_boxes.dtype)
 
@@ -133,6 +143,9 @@ class SetCriterion(nn.Module):
     def cardinality_error(self, logits: torch.Tensor, labels: list[dict]) -> torch.Tensor:
         """Mean absolute error between the number of queries predicting an object and the number of
         targets, per image (logged, never back-propagated)."""
-        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        # argmax != "no object", without the (slow on CPU) argmax: the best real class reaches the
+        # no-object logit (argmax takes the first of tied maxima) or is NaN (argmax picks NaN).
+        best_real = logits[..., :-1].amax(-1)
+        predicted = ((best_real >= logits[..., -1]) | best_real.isnan()).sum(1).float()
         expected = torch.tensor([float(len(t["class_labels"])) for t in labels], device=logits.device)
         return (predicted - expected).abs().mean()
