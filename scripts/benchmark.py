@@ -1,0 +1,598 @@
+"""hf_detr against transformers' DetrForObjectDetection, side by side, on the same weights and inputs.
+
+    python scripts/benchmark.py                    # the full table (DETR-R50; several minutes on 2 CPU cores)
+    python scripts/benchmark.py --quick            # tiny sizes: checks that every row runs (seconds)
+    python scripts/benchmark.py --rows infer1,train --repeats 5
+
+Method. One process builds a transformers DETR-R50 (`DetrConfig(use_timm_backbone=False)` with an
+AutoBackbone ResNet-50, 91 classes, auxiliary loss, default dropout) with random but fixed weights,
+its frozen batch-norm statistics randomised too (fresh ones are the identity, which would make folding
+them trivially exact), and converts it with `hf_detr.convert_transformers_detr`. Each timed row then
+runs transformers (A) and hf_detr (B) on the same inputs, interleaved A, B, A, B ... after warm-up
+pairs; the speed-up is the median over pairs of time(A) / time(B), so a slow moment of the machine
+hits both sides of a pair. Times shown are the medians of each side. Peak memory is measured in fresh
+subprocesses instead (see `memory_worker`). The optional-modes table compares hf_detr with itself
+(fp32 eager) the same way and gives each mode's largest output difference from fp32.
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROWS = ("infer1", "infer4", "train", "loss", "data", "memory", "modes")
+TARGETS = {"infer1": 1.3, "infer4": 1.3, "train": 1.5, "loss": 10.0, "data": 2.0}
+
+
+@dataclass
+class Sizes:
+    """Everything that differs between the full run and --quick."""
+
+    infer_size: tuple[int, int] = (800, 1066)  # 800-pixel shortest edge, 4:3
+    infer_real_sizes: tuple = ((800, 1066), (800, 1000), (750, 1066), (800, 900))  # padded inside infer_size
+    train_size: tuple[int, int] = (512, 683)
+    train_real_sizes: tuple = ((512, 683), (512, 600))
+    objects_per_image: int = 7
+    loss_shape: tuple[int, int, int] = (6, 32, 100)  # decoder layers, batch, queries
+    data_images: int = 48
+    data_image_size: int = 640  # square synthetic COCO photos, resized to 800 by both pipelines
+    data_batch: int = 4
+    data_size: tuple[int, int] = (800, 1333)  # shortest edge, longest edge cap
+    repeats: dict = field(default_factory=lambda: {"infer1": 7, "infer4": 4, "train": 8, "loss": 30, "data": 10, "modes": 5})
+    warmup: dict = field(default_factory=lambda: {"infer1": 1, "infer4": 1, "train": 2, "loss": 3, "data": 1, "modes": 1})
+    quick: bool = False
+
+
+QUICK = Sizes(
+    infer_size=(64, 96),
+    infer_real_sizes=((64, 96), (64, 80), (48, 96), (64, 64)),
+    train_size=(64, 96),
+    train_real_sizes=((64, 96), (64, 80)),
+    objects_per_image=3,
+    loss_shape=(3, 4, 10),
+    data_images=8,
+    data_image_size=64,
+    data_batch=2,
+    data_size=(64, 96),
+    repeats={"infer1": 2, "infer4": 2, "train": 2, "loss": 2, "data": 2, "modes": 2},
+    warmup={"infer1": 1, "infer4": 1, "train": 1, "loss": 1, "data": 1, "modes": 1},
+    quick=True,
+)
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def detr_config(quick: bool):
+    from transformers import DetrConfig, ResNetConfig
+
+    if quick:
+        backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], out_features=["stage4"])
+        return DetrConfig(
+            use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone, num_labels=5,
+            d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, auxiliary_loss=True,
+        )  # fmt: skip
+    backbone = ResNetConfig(out_features=["stage4"])  # ResNet-50
+    return DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone, num_labels=91, auxiliary_loss=True)
+
+
+def build_models(quick: bool):
+    """(transformers DetrForObjectDetection, hf_detr model with the same weights), both in eval mode."""
+    import hf_detr
+    from transformers import DetrForObjectDetection
+
+    torch.manual_seed(0)
+    reference = DetrForObjectDetection(detr_config(quick))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, buffer in reference.named_buffers():
+            if ".normalization." not in name:
+                continue
+            kind = name.rsplit(".", 1)[-1]
+            if kind == "running_mean" or kind == "bias":
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+            elif kind == "running_var" or kind == "weight":
+                buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
+    ours = hf_detr.convert_transformers_detr(reference)
+    return reference.eval(), ours.eval()
+
+
+def padded_batch(real_sizes, canvas, batch, generator):
+    """Random normalised images of the given real sizes, zero-padded to `canvas`, with their pixel mask."""
+    height, width = canvas
+    pixel_values = torch.zeros(batch, 3, height, width)
+    pixel_mask = torch.zeros(batch, height, width, dtype=torch.long)
+    for i in range(batch):
+        h, w = real_sizes[i % len(real_sizes)]
+        pixel_values[i, :, :h, :w] = torch.randn(3, h, w, generator=generator)
+        pixel_mask[i, :h, :w] = 1
+    return pixel_values, pixel_mask
+
+
+def random_labels(counts, num_labels, generator):
+    labels = []
+    for n in counts:
+        centers = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(n, 2, generator=generator) * 0.3 + 0.05
+        labels.append({"class_labels": torch.randint(0, num_labels, (n,), generator=generator), "boxes": torch.cat([centers, sizes], -1)})
+    return labels
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def interleaved(first, second, repeats: int, warmup: int):
+    """Run first, second, first, second ...; return the two lists of seconds after `warmup` pairs."""
+    times_first, times_second = [], []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        first()
+        middle = time.perf_counter()
+        second()
+        end = time.perf_counter()
+        if i >= warmup:
+            times_first.append(middle - start)
+            times_second.append(end - middle)
+    return times_first, times_second
+
+
+def summary(times_ref, times_ours):
+    """(median ref, median ours, median of pairwise ratios ref / ours)."""
+    ratios = [a / b for a, b in zip(times_ref, times_ours)]
+    return statistics.median(times_ref), statistics.median(times_ours), statistics.median(ratios)
+
+
+def fmt_time(seconds: float) -> str:
+    return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
+@dataclass
+class Row:
+    name: str
+    reference: str
+    ours: str
+    ratio: float | None
+    target: float | None = None
+    notes: str = ""
+
+    def cells(self):
+        ratio = "n/a" if self.ratio is None else f"{self.ratio:.2f}x"
+        if self.target is None or self.ratio is None:
+            target = "" if self.target is None else f">= {self.target:g}x"
+        else:
+            target = f">= {self.target:g}x " + ("met" if self.ratio >= self.target else "MISSED")
+        return [self.name, self.reference, self.ours, ratio, target, self.notes]
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]):
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    print(f"\n{title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+def row_inference(reference, ours, sizes: Sizes, batch: int, key: str) -> Row:
+    generator = torch.Generator().manual_seed(batch)
+    pixel_values, pixel_mask = padded_batch(sizes.infer_real_sizes, sizes.infer_size, batch, generator)
+    with torch.no_grad():
+        ref_out = reference(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        our_out = ours(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        times = interleaved(
+            lambda: reference(pixel_values=pixel_values, pixel_mask=pixel_mask),
+            lambda: ours(pixel_values=pixel_values, pixel_mask=pixel_mask),
+            sizes.repeats[key], sizes.warmup[key],
+        )  # fmt: skip
+    logits_diff = (ref_out.logits - our_out.logits).abs().max().item()
+    boxes_diff = (ref_out.pred_boxes - our_out.pred_boxes).abs().max().item()
+    ref_time, our_time, ratio = summary(*times)
+    h, w = sizes.infer_size
+    return Row(
+        f"inference, batch {batch}, {h}x{w} + mask", fmt_time(ref_time), fmt_time(our_time), ratio, TARGETS[key],
+        f"max|d logits| {logits_diff:.1e}, max|d boxes| {boxes_diff:.1e}",
+    )  # fmt: skip
+
+
+def training_inputs(sizes: Sizes, num_labels: int):
+    generator = torch.Generator().manual_seed(2)
+    batch = len(sizes.train_real_sizes)
+    pixel_values, pixel_mask = padded_batch(sizes.train_real_sizes, sizes.train_size, batch, generator)
+    labels = random_labels([sizes.objects_per_image] * batch, num_labels, generator)
+    return pixel_values, pixel_mask, labels
+
+
+def training_step(model, pixel_values, pixel_mask, labels):
+    model.zero_grad(set_to_none=True)
+    loss = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
+    loss.backward()
+    return loss.detach()
+
+
+def row_training(reference, ours, sizes: Sizes, backbone: str) -> Row:
+    """backbone "detr": both train DETR's set (all but the ResNet stem and first stage). transformers
+    5.x would train none of its AutoBackbone: its rule keeps parameters named "stage.1" .. "stage.3"
+    trainable, but the names read "stages.1" ..; it is given our flags, so both sides do the same work.
+    backbone "frozen": both keep the whole backbone frozen (transformers' actual default)."""
+    pixel_values, pixel_mask, labels = training_inputs(sizes, ours.config.num_labels)
+    ours_params = dict(ours.named_parameters())
+    saved = {name: p.requires_grad for model in (reference, ours) for name, p in model.named_parameters() if ".backbone." in name}
+    for name, parameter in reference.named_parameters():
+        if ".backbone." in name:
+            parameter.requires_grad_(backbone == "detr" and ours_params[name].requires_grad)
+    for name, parameter in ours_params.items():
+        if ".backbone." in name and backbone == "frozen":
+            parameter.requires_grad_(False)
+    trainable = [sum(p.requires_grad for n, p in m.named_parameters() if ".backbone." in n) for m in (reference, ours)]
+    assert trainable[0] == trainable[1], trainable
+    reference.train()
+    ours.train()
+    try:
+        times = interleaved(
+            lambda: training_step(reference, pixel_values, pixel_mask, labels),
+            lambda: training_step(ours, pixel_values, pixel_mask, labels),
+            sizes.repeats["train"], sizes.warmup["train"],
+        )  # fmt: skip
+    finally:
+        for model in (reference, ours):
+            model.eval()
+            model.zero_grad(set_to_none=True)
+            for name, parameter in model.named_parameters():
+                if name in saved:
+                    parameter.requires_grad_(saved[name])
+    ref_time, our_time, ratio = summary(*times)
+    h, w = sizes.train_size
+    if backbone == "detr":
+        name = f"training step, batch {len(labels)}, {h}x{w}, {sizes.objects_per_image} obj/img"
+        notes = f"fwd + loss (aux) + bwd, dropout 0.1; DETR's trainable backbone ({trainable[0]} tensors) on both"
+        return Row(name, fmt_time(ref_time), fmt_time(our_time), ratio, TARGETS["train"], notes)
+    name = "  same, backbone frozen on both"
+    return Row(name, fmt_time(ref_time), fmt_time(our_time), ratio, None, "transformers' own default (see BENCHMARKS.md)")
+
+
+def row_loss(reference, ours, sizes: Sizes) -> Row:
+    from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
+
+    layers, batch, queries = sizes.loss_shape
+    num_labels = ours.config.num_labels
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(layers, batch, queries, num_labels + 1, generator=generator, requires_grad=True)
+    boxes = (torch.rand(layers, batch, queries, 4, generator=generator) * 0.5 + 0.25).requires_grad_()
+    counts = torch.randint(1, 2 * sizes.objects_per_image, (batch,), generator=generator).tolist()  # mean ~7
+    labels = random_labels(counts, num_labels, generator)
+    config = reference.config
+
+    def reference_loss():
+        # what DetrForObjectDetection.forward hands its loss: the last layer, and every layer for the aux losses
+        return ForObjectDetectionLoss(logits[-1], labels, logits.device, boxes[-1], config, logits, boxes)[0]
+
+    def our_loss():
+        return ours.criterion(logits, boxes, labels)[0]
+
+    difference = abs(reference_loss().item() - our_loss().item()) / abs(reference_loss().item())
+    times = interleaved(reference_loss, our_loss, sizes.repeats["loss"], sizes.warmup["loss"])
+    ref_time, our_time, ratio = summary(*times)
+    return Row(
+        f"matching + loss, {layers} layers x {batch} images x {queries} queries",
+        fmt_time(ref_time), fmt_time(our_time), ratio, TARGETS["loss"],
+        f"{sum(counts)} targets, {num_labels + 1} classes; loss rel diff {difference:.1e}",
+    )  # fmt: skip
+
+
+def row_data(sizes: Sizes) -> list[Row]:
+    """Examples/s from a local COCO folder: our dataset (decode, DETR eval resize, normalise, boxes to
+    normalised cxcywh) + collate_fn (pad, mask) against transformers' DETR image processor (PIL backend)
+    doing the same on the same files: decode, resize, rescale + normalise, pad, COCO annotations to
+    normalised cxcywh. A second row gives our training augmentation for information."""
+    try:
+        from hf_detr import data as detr_data
+    except ImportError as err:  # hf_detr.data needs the [train] extras
+        return [Row("data path", "not measured", "not measured", None, TARGETS["data"], f"hf_detr.data unavailable: {err}")]
+    import PIL.Image
+
+    import hf_detr
+
+    shortest, longest = sizes.data_size
+    with tempfile.TemporaryDirectory() as tmp:
+        root = detr_data.make_synthetic_coco(
+            tmp, num_train=sizes.data_images, num_val=1, image_size=sizes.data_image_size, max_objects=8, seed=0
+        )
+        loaded = detr_data.load_coco_folder(root, "train")
+        coco = json.loads((Path(root) / "annotations" / "instances_train.json").read_text())
+        annotations = {image["id"]: [] for image in coco["images"]}
+        for annotation in coco["annotations"]:
+            annotations[annotation["image_id"]].append(annotation)
+        files = {image["id"]: str(Path(root) / "train" / image["file_name"]) for image in coco["images"]}
+        image_ids = loaded.dataset["image_id"]
+        processor = hf_detr.HfDetrImageProcessor(size={"shortest_edge": shortest, "longest_edge": longest})
+
+        def transform(train):
+            if sizes.quick:
+                kwargs = detr_data.scaled_sizes(shortest)["train" if train else "eval"]
+                kwargs["max_size"] = longest
+                return (detr_data.build_train_transform if train else detr_data.build_eval_transform)(**kwargs)
+            return detr_data.build_transform(train=train, image_size=shortest, max_size=longest, seed=0 if train else None)
+
+        datasets = {train: detr_data.DetectionDataset(loaded.dataset, loaded.categories, transform(train), seed=0) for train in (False, True)}
+        batches = [list(range(i, i + sizes.data_batch)) for i in range(0, sizes.data_images - sizes.data_batch + 1, sizes.data_batch)]
+        position = {"ref": 0, "ours": 0}
+
+        def next_batch(side):
+            indices = batches[position[side] % len(batches)]
+            position[side] += 1
+            return indices
+
+        def reference_batch():
+            indices = next_batch("ref")
+            images = [PIL.Image.open(files[image_ids[i]]).convert("RGB") for i in indices]
+            targets = [{"image_id": image_ids[i], "annotations": annotations[image_ids[i]]} for i in indices]
+            return processor(images=images, annotations=targets, return_tensors="pt")
+
+        def our_batch(train):
+            def run():
+                return detr_data.collate_fn([datasets[train][i] for i in next_batch("ours")])
+            return run
+
+        rows = []
+        for train in (False, True):
+            position.update(ref=0, ours=0)
+            times = interleaved(reference_batch, our_batch(train), sizes.repeats["data"], sizes.warmup["data"])
+            ref_time, our_time, ratio = summary(*times)
+            per_second = lambda seconds: f"{sizes.data_batch / seconds:.1f} ex/s"  # noqa: E731
+            size = sizes.data_image_size
+            if not train:
+                rows.append(Row(
+                    f"data path, COCO folder ({size}px JPEG) -> batch of {sizes.data_batch}",
+                    per_second(ref_time), per_second(our_time), ratio, TARGETS["data"],
+                    f"both: decode, resize to {shortest} (max {longest}), normalise, pad, boxes to cxcywh",
+                ))  # fmt: skip
+            else:
+                rows.append(Row(
+                    "  same, ours with DETR's training augmentation", per_second(ref_time), per_second(our_time), ratio,
+                    None, "flip + multi-scale resize / crop (smaller images on average)",
+                ))  # fmt: skip
+    return rows
+
+
+def memory_worker(side: str, quick: bool, steps: int = 2) -> dict:
+    """Run in a fresh process: build one model and the training inputs, then reset the kernel's peak
+    RSS counter (`/proc/self/clear_refs` <- 5) and run `steps` training steps. The peak resident set
+    (VmHWM) minus the resident set just before the steps is what the steps needed at most, model and
+    inputs excluded. Only this side's model is ever built in the process."""
+    import hf_detr
+    from transformers import DetrForObjectDetection
+
+    torch.manual_seed(0)
+    config = detr_config(quick)
+    if side == "ref":
+        model = DetrForObjectDetection(config)
+        for name, parameter in model.named_parameters():  # DETR's trainable backbone, as in row_training
+            if ".backbone." in name:
+                parameter.requires_grad_(".embedder." not in name and ".stages.0." not in name)
+    else:
+        model = hf_detr.HfDetrForObjectDetection(hf_detr.convert.config_from_detr_config(config))
+    model.train()
+    sizes = QUICK if quick else Sizes()
+    pixel_values, pixel_mask, labels = training_inputs(sizes, config.num_labels)
+    gc.collect()
+
+    def status():
+        return {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(("VmHWM", "VmRSS"))}
+
+    before = status()["VmRSS"]
+    Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(steps):
+        training_step(model, pixel_values, pixel_mask, labels)
+    after = status()
+    return {"rss_before_kib": before, "peak_kib": after["VmHWM"], "step_peak_kib": after["VmHWM"] - before}
+
+
+def row_memory(sizes: Sizes) -> Row:
+    if not Path("/proc/self/clear_refs").exists():
+        return Row("peak memory, training step", "not measured", "not measured", None, None, "needs Linux /proc")
+    # Both sides at once (peak RSS is per process, so they do not disturb each other's numbers).
+    workers = {}
+    for side in ("ref", "ours"):
+        command = [sys.executable, os.path.abspath(__file__), "--memory-worker", side, "--threads", str(torch.get_num_threads())]
+        command += ["--quick"] if sizes.quick else []
+        workers[side] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for side, worker in workers.items():
+        stdout, stderr = worker.communicate()
+        if worker.returncode != 0:
+            return Row("peak memory, training step", "error", "error", None, None, (stderr.strip().splitlines() or ["?"])[-1][:120])
+        results[side] = json.loads(stdout.strip().splitlines()[-1])
+    mib = lambda kib: f"{kib / 1024:.0f} MiB"  # noqa: E731
+    ref, ours = results["ref"]["step_peak_kib"], results["ours"]["step_peak_kib"]
+    return Row(
+        "peak memory, training step (RSS above model + inputs)", mib(ref), mib(ours), ref / ours, None,
+        f"fresh process per side, 2 steps, DETR's trainable backbone; VmHWM total {mib(results['ref']['peak_kib'])} vs {mib(results['ours']['peak_kib'])}",
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ optional modes
+
+
+def mode_rows(ours, sizes: Sizes, include_compile: bool) -> list[list[str]]:
+    """hf_detr's opt-in modes (hf_detr.speed) against hf_detr fp32 eager, interleaved the same way."""
+    import copy
+
+    from hf_detr.speed import enable_fast_mode
+
+    generator = torch.Generator().manual_seed(1)
+    pixel_values, pixel_mask = padded_batch(sizes.infer_real_sizes, sizes.infer_size, 1, generator)
+    repeats, warmup = sizes.repeats["modes"], sizes.warmup["modes"]
+    h, w = sizes.infer_size
+    rows = []
+
+    def compare(name, fast, what, compile_seconds=None):
+        with torch.no_grad():
+            base = ours(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            start = time.perf_counter()
+            out = fast(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            first = time.perf_counter() - start
+            times = interleaved(
+                lambda: ours(pixel_values=pixel_values, pixel_mask=pixel_mask),
+                lambda: fast(pixel_values=pixel_values, pixel_mask=pixel_mask),
+                repeats, warmup,
+            )  # fmt: skip
+        base_time, fast_time, ratio = summary(*times)
+        logits = (base.logits - out.logits.float()).abs().max().item()
+        boxes = (base.pred_boxes - out.pred_boxes.float()).abs().max().item()
+        notes = f"first call {fmt_time(first)}" if compile_seconds else ""
+        rows.append([name, what, fmt_time(base_time), fmt_time(fast_time), f"{ratio:.2f}x", f"{logits:.1e}", f"{boxes:.1e}", notes])
+
+    what = f"inference, batch 1, {h}x{w}"
+    compare("bf16 autocast (CPU)", enable_fast_mode(copy.deepcopy(ours), bf16=True), what)
+    for backend in ("math", "flash"):
+        compare(f"SDPA backend: {backend}", enable_fast_mode(copy.deepcopy(ours), sdpa_backend=backend), what)
+    if include_compile:
+        compiled = copy.deepcopy(ours)
+        try:
+            enable_fast_mode(compiled, compile=True)
+            compare("torch.compile (inductor)", compiled, what, compile_seconds=True)
+        except Exception as err:  # report, do not hide: compile support on CPU varies
+            rows.append(["torch.compile (inductor)", what, "", "", "failed", "", "", f"{type(err).__name__}: {str(err)[:100]}"])
+    else:
+        rows.append(["torch.compile (inductor)", what, "", "", "skipped", "", "", "--quick, or --no-compile"])
+
+    # training step in bf16 autocast: loss relative difference with the same dropout masks (same seed)
+    pixel_values_t, pixel_mask_t, labels = training_inputs(sizes, ours.config.num_labels)
+    fast = enable_fast_mode(copy.deepcopy(ours), bf16=True)
+    losses = {}
+
+    def step(model, key):
+        def run():
+            torch.manual_seed(0)
+            losses[key] = training_step(model, pixel_values_t, pixel_mask_t, labels).item()
+        return run
+
+    ours.train()
+    fast.train()
+    try:
+        times = interleaved(step(ours, "fp32"), step(fast, "bf16"), repeats, warmup)
+    finally:
+        ours.eval()
+        ours.zero_grad(set_to_none=True)
+    base_time, fast_time, ratio = summary(*times)
+    difference = abs(losses["bf16"] - losses["fp32"]) / abs(losses["fp32"])
+    th, tw = sizes.train_size
+    rows.append(["bf16 autocast (CPU)", f"training step, batch 2, {th}x{tw}", fmt_time(base_time), fmt_time(fast_time),
+                 f"{ratio:.2f}x", "", "", f"loss rel diff {difference:.1e} (same dropout masks)"])  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def machine_lines() -> list[str]:
+    import numpy
+    import PIL
+    import scipy
+    import transformers
+
+    import hf_detr
+
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3
+    return [
+        f"machine: {cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; load average {' '.join(load)}",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads, oneDNN {torch.backends.mkldnn.is_available()}), "
+        f"transformers {transformers.__version__}, hf_detr {hf_detr.__version__}, scipy {scipy.__version__}, "
+        f"numpy {numpy.__version__}, Pillow {PIL.__version__}, Python {platform.python_version()}",
+        "dtype float32 (the optional-modes table aside)",
+    ]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model and inputs: a smoke run in seconds")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--repeats", type=int, help="timed pairs per row (default: per row, see Sizes)")
+    parser.add_argument("--warmup", type=int, help="warm-up pairs per row")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the modes table")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--memory-worker", choices=("ref", "ours"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args.memory_worker, args.quick)))
+        return
+    rows = [row.strip() for row in args.rows.split(",") if row.strip()]
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {','.join(ROWS)}")
+    sizes = QUICK if args.quick else Sizes()
+    if args.repeats:
+        sizes.repeats = dict.fromkeys(sizes.repeats, args.repeats)
+    if args.warmup is not None:
+        sizes.warmup = dict.fromkeys(sizes.warmup, args.warmup)
+
+    started = time.perf_counter()
+    header = machine_lines()
+    print("\n".join(header))
+    print(f"timings: median of interleaved (transformers, hf_detr) pairs; repeats {sizes.repeats}, warm-up {sizes.warmup}")
+    sys.stdout.flush()
+    need_models = set(rows) & {"infer1", "infer4", "train", "loss", "modes"}
+    reference, ours = build_models(args.quick) if need_models else (None, None)
+
+    table = []
+    for row in rows:
+        if row == "infer1":
+            table.append(row_inference(reference, ours, sizes, 1, "infer1"))
+        elif row == "infer4":
+            table.append(row_inference(reference, ours, sizes, 4, "infer4"))
+        elif row == "train":
+            table.append(row_training(reference, ours, sizes, "detr"))
+            table.append(row_training(reference, ours, sizes, "frozen"))
+        elif row == "loss":
+            table.append(row_loss(reference, ours, sizes))
+        elif row == "data":
+            table.extend(row_data(sizes))
+        elif row == "memory":
+            table.append(row_memory(sizes))
+        if row != "modes":
+            print(f"  done: {table[-1].name} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    header_cells = ["row", "transformers", "hf_detr", "speed-up (ours)", "target", "notes"]
+    print_table("hf_detr vs transformers DETR (same weights, same inputs)", header_cells, [r.cells() for r in table])
+
+    modes = []
+    if "modes" in rows:
+        modes = mode_rows(ours, sizes, include_compile=not (args.quick or args.no_compile))
+        print_table(
+            "Optional modes (hf_detr.speed.enable_fast_mode) vs hf_detr fp32 eager",
+            ["mode", "workload", "fp32 eager", "mode", "speed-up", "max|d logits|", "max|d boxes|", "notes"],
+            modes,
+        )  # fmt: skip
+    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at the end {' '.join(load)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "rows": [r.cells() for r in table], "modes": modes}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
