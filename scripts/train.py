@@ -27,6 +27,7 @@ import hf_detr
 from hf_detr import data as detr_data
 from hf_detr.evaluation import evaluate_model
 from hf_detr.hub import push_checkpoint, render_model_card
+from hf_detr.speed import SDPA_BACKENDS, enable_fast_mode
 
 logger = get_logger(__name__)
 
@@ -73,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--with_tracking", action="store_true", help="log every loss term and metric (TensorBoard)")
     p.add_argument("--report_to", default="tensorboard")
     p.add_argument("--seed", type=int, default=42)
+    # speed modes (opt-in; bf16/fp16 come from accelerate: `accelerate launch --mixed_precision bf16`)
+    p.add_argument("--torch_compile", action="store_true", help="torch.compile the backbone + transformer")
+    p.add_argument("--sdpa_backend", default=None, choices=sorted(SDPA_BACKENDS), help="pin the attention kernel")
     p.add_argument("--synthetic_train_images", type=int, default=None)
     p.add_argument("--synthetic_val_images", type=int, default=None)
     return p.parse_args(argv)
@@ -186,6 +190,7 @@ def train(args):
     image_processor = hf_detr.HfDetrImageProcessor(size={"shortest_edge": args.image_size, "longest_edge": args.max_size})
 
     model = build_model(args, categories)
+    enable_fast_mode(model, compile=args.torch_compile, sdpa_backend=args.sdpa_backend)
     optimizer = build_optimizer(model, args)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
