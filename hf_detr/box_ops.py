@@ -61,6 +61,14 @@ def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Ten
     return iou - (hull - union) / hull
 
 
+def coordinate_generalized_box_iou(boxes1: tuple[torch.Tensor, ...], boxes2: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """GIoU of xyxy boxes given as coordinate tuples (x0, y0, x1, y1) of tensors that broadcast against
+    each other (e.g. per-target [N, 1] against per-query [L, N, Q]), for callers that hold coordinate
+    planes already."""
+    iou, union, hull = _iou_union_enclosing(boxes1, boxes2)
+    return iou - (hull - union) / hull
+
+
 def elementwise_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """GIoU of boxes that broadcast against each other (e.g. matched pairs [N, 4] and [N, 4] -> [N])."""
     iou, union, hull = _iou_union_enclosing(boxes1.unbind(-1), boxes2.unbind(-1))

@@ -64,7 +64,7 @@ def num_boxes_across_processes(labels: list[dict], device: torch.device) -> floa
 
 class SetCriterion(nn.Module):
     """Args:
-    matcher: called as `matcher.match_layers(logits, pred_boxes, labels)` (see matching.py).
+    matcher: called as `matcher.match_layers(logits, pred_boxes, labels, log_probs=...)` (see matching.py).
     num_labels: K, the number of real classes; class K is "no object".
     eos_coefficient: cross-entropy weight of the "no object" class.
     ce_coefficient, bbox_coefficient, giou_coefficient: weights of the three terms in the total loss.
@@ -98,7 +98,9 @@ class SetCriterion(nn.Module):
         num_layers, batch, num_queries = logits.shape[:3]
         device = logits.device
         labels = [{k: v.to(device) for k, v in target.items() if k in ("class_labels", "boxes")} for target in labels]
-        indices = self.matcher.match_layers(logits.detach(), pred_boxes.detach(), labels)
+        # One log-softmax serves the matcher's class cost (detached) and the cross-entropy below.
+        log_probs = logits.float().log_softmax(-1)  # [L, B, Q, K+1]
+        indices = self.matcher.match_layers(logits.detach(), pred_boxes.detach(), labels, log_probs=log_probs.detach())
 
         # Flatten the matches of all layers and images into (layer, image, query) -> target rows.
         pairs = [pair for layer_indices in indices for pair in layer_indices]  # layer-major, image-minor
@@ -115,8 +117,8 @@ class SetCriterion(nn.Module):
         # Classification: every query has a target class, "no object" (= K) unless matched.
         target_classes = torch.full((num_layers, batch, num_queries), self.num_labels, dtype=torch.long, device=device)
         target_classes[layer_idx, image_idx, query_idx] = target_classes_all[target_idx]
-        weighted_nll = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), target_classes.flatten(), self.class_weight, reduction="none"
+        weighted_nll = F.nll_loss(  # = cross_entropy(logits, ...), whose first step is this log_softmax
+            log_probs.reshape(-1, log_probs.shape[-1]), target_classes.flatten(), self.class_weight, reduction="none"
         ).view(num_layers, -1)
         # Same value as cross_entropy(..., weight, reduction="mean") per layer: a weighted mean.
         loss_ce = weighted_nll.sum(1) / self.class_weight[target_classes].view(num_layers, -1).sum(1)

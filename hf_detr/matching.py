@@ -2,15 +2,17 @@
 
 A matcher is called as `matcher(logits, pred_boxes, labels)` and returns one
 `(query_indices, target_indices)` pair of LongTensors per image. `match_layers` does the same for the
-outputs of every decoder layer at once; the loss calls it once per training step.
+outputs of every decoder layer at once; the loss calls it once per training step, as
+`match_layers(logits, pred_boxes, labels, log_probs=...)`: `log_probs` is `logits.log_softmax(-1)` in
+fp32, which the loss computes for its cross-entropy anyway; a matcher may use it or ignore it.
 """
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
-from .box_ops import cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import coordinate_generalized_box_iou, cxcywh_to_xyxy
 
 
 class HungarianMatcher(nn.Module):
@@ -18,8 +20,8 @@ class HungarianMatcher(nn.Module):
     + bbox_cost * L1(cxcywh) - giou_cost * GIoU(xyxy), solved per image with scipy's
     `linear_sum_assignment`. Queries left unmatched are trained towards "no object".
 
-    The cost matrices of all layers and images are built in one batched computation (targets padded
-    to the largest image) and cross to the CPU in one transfer.
+    The costs of all layers, images and targets are built in one batched computation, target-major
+    (each target row against its own image's queries, no padding), and cross to the CPU in one transfer.
     """
 
     def __init__(self, class_cost: float = 1.0, bbox_cost: float = 5.0, giou_cost: float = 2.0):
@@ -34,32 +36,50 @@ class HungarianMatcher(nn.Module):
     def cost_matrices(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]) -> torch.Tensor:
         """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] (cxcywh, 0..1) -> cost [L, B, Q, T_max].
 
-        Column t of image b is its target t; columns past that image's target count are padding.
+        Column t of image b is its target t; columns past that image's target count are padding (0).
         """
-        return self._target_query_costs(logits, pred_boxes, labels).transpose(-1, -2)
+        sizes = [len(target["class_labels"]) for target in labels]
+        num_layers, batch, num_queries = logits.shape[:3]
+        costs = self.target_costs(logits, pred_boxes, labels)  # [L, N, Q]
+        padded = costs.new_zeros(num_layers, batch, max(sizes, default=0), num_queries)
+        for b, (start, size) in enumerate(zip(_starts(sizes), sizes)):
+            padded[:, b, :size] = costs[:, start : start + size]
+        return padded.transpose(-1, -2)
 
-    def _target_query_costs(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]) -> torch.Tensor:
-        """The cost laid out target-major, [L, B, T_max, Q]: every pairwise op then broadcasts a
-        per-target scalar along the contiguous query axis, several times faster on CPU than the
-        query-major layout (whose innermost axis is the few targets)."""
-        # Pad every image to the largest target count in one call each; the padding box is a valid box
-        # (0.5, 0.5, 0.5, 0.5), so padded rows stay finite, and the padding class is 0.
-        target_ids = pad_sequence([target["class_labels"] for target in labels], batch_first=True)  # [B, T]
-        target_boxes = pad_sequence([target["boxes"] for target in labels], batch_first=True, padding_value=0.5)
-        logits, pred_boxes = logits.float(), pred_boxes.float()  # costs in fp32 whatever the model ran in
-        target_boxes = target_boxes.to(pred_boxes.dtype)
+    @torch.no_grad()
+    def target_costs(
+        self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict], log_probs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] -> cost [L, N, Q] of the batch's N targets
+        (image by image, in label order), each against the queries of its own image. log_probs: the
+        fp32 `logits.log_softmax(-1)` if the caller has it (saves a pass over the logits).
 
-        # p(target class) = exp(log_softmax) at the target ids: log_softmax is the faster full pass on
-        # CPU, and the exp runs on the gathered [L, B, Q, T] only.
-        log_probs = logits.log_softmax(-1)  # [L, B, Q, K+1]
-        index = target_ids[None, :, None, :].expand(log_probs.shape[0], -1, log_probs.shape[2], -1)
-        class_cost = log_probs.gather(-1, index).transpose(-1, -2).exp()  # [L, B, T, Q]
-        pred = pred_boxes.movedim(-1, 0).unsqueeze(-2).contiguous()  # [4, L, B, 1, Q]
-        target = target_boxes.movedim(-1, 0).unsqueeze(-1)  # [4, B, T, 1]
-        bbox_cost = (pred[0] - target[0]).abs()  # L1 over (cx, cy, w, h), [L, B, T, Q]
+        Target-major, so that every pairwise op broadcasts a per-target scalar along the contiguous
+        query axis: on CPU several times faster than a [..., Q, T] layout whose innermost axis is the
+        few targets, and no work is spent on padding targets."""
+        sizes = torch.tensor([len(target["class_labels"]) for target in labels])
+        num_layers, batch, num_queries, num_classes = logits.shape
+        image = torch.repeat_interleave(torch.arange(batch), sizes).to(logits.device)  # [N]: each target's image
+        target_ids = torch.cat([target["class_labels"] for target in labels]).to(logits.device)
+        target_boxes = torch.cat([target["boxes"] for target in labels]).to(logits.device, torch.float32)
+
+        # p(target class) = exp(log_softmax) at [layer, target's image, query, target's class]: log_softmax
+        # is the faster full pass on CPU, and the exp runs on the gathered [L, N, Q] only.
+        if log_probs is None:
+            log_probs = logits.float().log_softmax(-1)  # costs in fp32 whatever the model ran in
+        log_probs = log_probs.detach().reshape(num_layers, -1)
+        queries = torch.arange(num_queries, device=logits.device)
+        flat = ((image * num_queries)[:, None] + queries) * num_classes + target_ids[:, None]  # [N, Q] into [B, Q, K+1]
+        class_cost = log_probs.index_select(1, flat.flatten()).view(num_layers, -1, num_queries).exp_()  # [L, N, Q]
+        # Box coordinates as contiguous planes: predictions [8, L, N, Q] (cxcywh then xyxy, gathered per
+        # target), targets [8, N, 1].
+        pred = torch.cat((pred_boxes.float(), cxcywh_to_xyxy(pred_boxes.float())), -1).movedim(-1, 0)
+        pred = pred.reshape(8 * num_layers, batch, num_queries).index_select(1, image).view(8, num_layers, -1, num_queries)
+        target = torch.cat((target_boxes, cxcywh_to_xyxy(target_boxes)), -1).T[..., None]
+        bbox_cost = (pred[0] - target[0]).abs_()  # L1 over (cx, cy, w, h)
         for i in range(1, 4):
-            bbox_cost += (pred[i] - target[i]).abs()
-        giou = generalized_box_iou(cxcywh_to_xyxy(target_boxes), cxcywh_to_xyxy(pred_boxes))  # [L, B, T, Q]
+            bbox_cost += (pred[i] - target[i]).abs_()
+        giou = coordinate_generalized_box_iou(pred[4:].unbind(0), target[4:].unbind(0))
         cost = bbox_cost.mul_(self.bbox_cost).sub_(class_cost.mul_(self.class_cost)).sub_(giou.mul_(self.giou_cost))
         # A diverged prediction (NaN/inf box) must not crash the solver: make it the costliest choice.
         max_value = torch.finfo(cost.dtype).max
@@ -67,29 +87,36 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def match_layers(
-        self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]
+        self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict], log_probs: torch.Tensor | None = None
     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] -> indices[layer][image] = (query_idx, target_idx)."""
+        """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] -> indices[layer][image] = (query_idx, target_idx).
+        log_probs: optional fp32 `logits.log_softmax(-1)`, see target_costs."""
         sizes = [len(target["class_labels"]) for target in labels]
         num_layers, batch = logits.shape[:2]
         empty = torch.empty(0, dtype=torch.long)
         if max(sizes) == 0:
             return [[(empty, empty)] * batch for _ in range(num_layers)]
-        cost = self._target_query_costs(logits, pred_boxes, labels).cpu().numpy()  # one host transfer, [L, B, T, Q]
-        indices = []
-        for layer_cost in cost:
-            layer = []
-            for b, size in enumerate(sizes):
-                if size == 0:
-                    layer.append((empty, empty))
-                    continue
-                # Solving the [T, Q] problem is what scipy does anyway for Q > T (it transposes); sorting
-                # by query gives the pairs in the order of the [Q, T] solve.
-                target_idx, query_idx = linear_sum_assignment(layer_cost[b, :size])
-                order = query_idx.argsort()
-                layer.append((torch.from_numpy(query_idx[order]), torch.from_numpy(target_idx[order])))
-            indices.append(layer)
-        return indices
+        cost = self.target_costs(logits, pred_boxes, labels, log_probs).cpu().numpy()  # one host transfer, [L, N, Q]
+        starts = _starts(sizes)
+        # Solving each [T, Q] problem is what scipy does anyway for Q > T (it transposes); ordering each
+        # image's pairs by query afterwards gives the pairs in the order of the [Q, T] solve.
+        solved = [
+            linear_sum_assignment(layer_cost[start : start + size])
+            for layer_cost in cost
+            for start, size in zip(starts, sizes)
+            if size
+        ]
+        # Order and convert all pairs at once: sort by (problem, query), then split into per-image views.
+        counts = [len(query_idx) for _, query_idx in solved]
+        query_idx = np.concatenate([query_idx for _, query_idx in solved])
+        target_idx = np.concatenate([target_idx for target_idx, _ in solved])
+        order = np.lexsort((query_idx, np.repeat(np.arange(len(solved)), counts)))
+        query_parts = iter(torch.from_numpy(query_idx[order]).split(counts))
+        target_parts = iter(torch.from_numpy(target_idx[order]).split(counts))
+        return [
+            [(next(query_parts), next(target_parts)) if size else (empty, empty) for size in sizes]
+            for _ in range(num_layers)
+        ]
 
     def forward(
         self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]
@@ -97,6 +124,15 @@ class HungarianMatcher(nn.Module):
         """logits [B, Q, K+1], pred_boxes [B, Q, 4] (cxcywh, 0..1), labels: per image
         {"class_labels": Long[N], "boxes": Float[N, 4] cxcywh 0..1} -> per image (query_idx, target_idx)."""
         return self.match_layers(logits[None], pred_boxes[None], labels)[0]
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    """Offsets of each image's first target in the batch's concatenated targets."""
+    starts, total = [], 0
+    for size in sizes:
+        starts.append(total)
+        total += size
+    return starts
 
 
 MATCHERS = {"hungarian": HungarianMatcher}
