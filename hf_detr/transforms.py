@@ -209,15 +209,29 @@ def scaled_sizes(eval_size: int) -> dict[str, Any]:
     }
 
 
+def build_flip_transform(size: int, max_size: int | None = None, seed: int | None = None) -> DetrTransform:
+    """Horizontal flip + the evaluation resize: a light recipe for small synthetic data, where DETR's
+    multi-scale crops mostly slow a model trained from scratch down."""
+    return DetrTransform([A.HorizontalFlip(p=0.5), DetrResize([size], max_size)], train=True, seed=seed)
+
+
+AUGMENTATIONS = ("detr", "flip")
+
+
 def build_transform(
-    train: bool, image_size: int = 800, max_size: int | None = None, seed: int | None = None
+    train: bool, image_size: int = 800, max_size: int | None = None, seed: int | None = None, augmentation: str = "detr"
 ) -> DetrTransform:
     """DETR's recipe scaled to an evaluation size of ``image_size`` (see `scaled_sizes`); ``max_size``
     (default: scaled from 1333) caps the longest edge. Match the image processor's
-    ``{"shortest_edge": image_size, "longest_edge": max_size}`` so evaluation sees what inference sees."""
+    ``{"shortest_edge": image_size, "longest_edge": max_size}`` so evaluation sees what inference sees.
+    ``augmentation``: "detr" (flip, multi-scale, random crops) or "flip" (`build_flip_transform`)."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}")
     sizes = scaled_sizes(image_size)
     if max_size is not None:
         sizes["train"]["max_size"] = sizes["eval"]["max_size"] = max_size
+    if train and augmentation == "flip":
+        return build_flip_transform(image_size, sizes["eval"]["max_size"], seed=seed)
     if train:
         return build_train_transform(**sizes["train"], seed=seed)
     return build_eval_transform(**sizes["eval"])

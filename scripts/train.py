@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="outputs/hf-detr-synthetic")
     p.add_argument("--image_size", type=int, default=None, help="shortest edge at evaluation (and largest train scale)")
     p.add_argument("--max_size", type=int, default=None, help="longest edge cap")
+    p.add_argument("--augmentation", choices=["detr", "flip"], default=None, help="detr: flip + multi-scale + crops")
     p.add_argument("--num_train_epochs", type=int, default=None)
     p.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
     p.add_argument("--per_device_train_batch_size", type=int, default=None)
@@ -86,11 +87,11 @@ def apply_defaults(args):
     """Fill in what depends on the dataset: a small, fast run on synthetic data, DETR's recipe otherwise."""
     synthetic = args.dataset_name is None
     defaults = (
-        dict(image_size=128, max_size=128, num_train_epochs=30, per_device_train_batch_size=16,
+        dict(image_size=128, max_size=128, augmentation="flip", num_train_epochs=30, per_device_train_batch_size=16,
              per_device_eval_batch_size=32, learning_rate=5e-4, backbone_learning_rate=5e-4,
              synthetic_train_images=1200, synthetic_val_images=200)
         if synthetic
-        else dict(image_size=800, max_size=1333, num_train_epochs=300, per_device_train_batch_size=4,
+        else dict(image_size=800, max_size=1333, augmentation="detr", num_train_epochs=300, per_device_train_batch_size=4,
                   per_device_eval_batch_size=4, learning_rate=1e-4, backbone_learning_rate=1e-5)
     )  # fmt: skip
     for name, value in defaults.items():
@@ -181,7 +182,9 @@ def train(args):
         output_dir.mkdir(parents=True, exist_ok=True)
 
     train_data, eval_data, categories, dataset_label = load_data(args, accelerator)
-    train_transform = detr_data.build_transform(train=True, image_size=args.image_size, max_size=args.max_size)
+    train_transform = detr_data.build_transform(
+        train=True, image_size=args.image_size, max_size=args.max_size, augmentation=args.augmentation
+    )
     train_set = detr_data.DetectionDataset(train_data, categories, train_transform, seed=args.seed)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.per_device_train_batch_size, shuffle=True,

@@ -309,3 +309,36 @@ def test_loader_workers_draw_different_augmentations(tmp_path):
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_fn)
     first, second = list(loader)[:2]  # batch i comes from worker i
     assert not torch.equal(first["labels"][0]["boxes"], second["labels"][0]["boxes"])
+
+
+def test_flip_augmentation_flips_at_the_evaluation_size():
+    image = np.zeros((60, 90, 3), np.uint8)
+    image[12:42, 50:80] = 255  # a solid square on the right half
+    transform = build_transform(train=True, image_size=64, max_size=100, seed=0, augmentation="flip")
+    centres = []
+    for _ in range(30):
+        out = transform(image, np.array([[50.0, 12.0, 30.0, 30.0]]), np.array([1]))
+        assert out["size"].tolist() == [64, 96]  # always the evaluation resize
+        centres.append(round(float(out["boxes"][0, 0]), 4))
+    # unflipped centre (65 / 90) and its mirror image both occur, nothing else
+    assert set(centres) == {round(65 / 90, 4), round(1 - 65 / 90, 4)}
+    with pytest.raises(ValueError, match="augmentation"):
+        build_transform(train=True, image_size=64, augmentation="mosaic")
+
+
+def test_seeded_dataset_augments_by_epoch_and_index_alone(tmp_path):
+    root = make_synthetic_coco(tmp_path, num_train=3, num_val=0, image_size=64, empty_fraction=0.0)
+    data = load_coco_folder(root, "train")
+
+    def boxes(dataset, epoch, index):
+        dataset.set_epoch(epoch)
+        return dataset[index]["labels"]["boxes"]
+
+    transform = build_train_transform(**SMALL["train"])
+    first = DetectionDataset(data.dataset, data.categories, transform, seed=5)
+    second = DetectionDataset(data.dataset, data.categories, build_train_transform(**SMALL["train"]), seed=5)
+    a = [boxes(first, epoch, i) for epoch in range(3) for i in range(3)]
+    b = [boxes(second, epoch, i) for epoch in reversed(range(3)) for i in reversed(range(3))][::-1]
+    for x, y in zip(a, b):  # same (epoch, index) -> same augmentation, whatever the order of calls
+        torch.testing.assert_close(x, y)
+    assert any(not torch.equal(boxes(first, 0, 0), boxes(first, epoch, 0)) for epoch in range(1, 6))
