@@ -105,12 +105,12 @@ class FrozenBatchNorm2d(nn.Module):
 class FoldedBatchNormConv2d(nn.Conv2d):
     """A convolution that also applies the FrozenBatchNorm2d after it, folded into its weight and bias:
     conv(x, w) * scale + shift == conv(x, w * scale) + shift (up to float rounding). One pass over the
-    feature map instead of three (conv, multiply, add); in the backward, no normalisation pass either.
+    feature map instead of three (conv, multiply, add), and no normalisation pass in the backward.
 
     The batch norm keeps its buffers (the stored truth, under their state-dict keys) and this module
-    only refers to it. The folded weight is recomputed on every call that trains the convolution (the
-    gradient reaches `weight` through the fold) and otherwise cached until a weight or buffer changes
-    (in place or replaced: loading, `.to()`)."""
+    only refers to it. The fold is recomputed on every call, a pass over the weights only (about 3% of
+    a ResNet-50 forward at 800 pixels), so that it can never go stale, however weights or statistics
+    change (loading, `.to()`, optimiser steps, in-place edits), and the gradient reaches `weight`."""
 
     @classmethod
     def fold(cls, conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> "FoldedBatchNormConv2d":
@@ -120,33 +120,14 @@ class FoldedBatchNormConv2d(nn.Conv2d):
         )  # fmt: skip
         folded.weight, folded.bias = conv.weight, conv.bias  # the same parameters, not copies
         folded._norm = (norm,)  # a tuple: referenced, not registered (its buffers stay under its own keys)
-        folded._cache_key, folded._cache = None, None
         norm.folded = True
         return folded
 
-    def _folded_weight_and_bias(self, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        norm = self._norm[0]
-        tensors = (self.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var) + (
-            () if self.bias is None else (self.bias,)
-        )
-        trains = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        key = None
-        if not trains and not torch.compiler.is_compiling():
-            key = (channels_last,) + tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-            if key == self._cache_key:
-                return self._cache
-        scale, shift = norm.scale_and_shift()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self._norm[0].scale_and_shift()
         weight = self.weight * scale.to(self.weight.dtype)[:, None, None, None]
         bias = shift if self.bias is None else shift + self.bias * scale
-        if channels_last:
-            weight = weight.contiguous(memory_format=torch.channels_last)
-        if key is not None:
-            self._cache_key, self._cache = key, (weight.detach(), bias.detach())
-        return weight, bias.to(weight.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._folded_weight_and_bias(x.is_contiguous(memory_format=torch.channels_last))
-        return self._conv_forward(x, weight, bias)
+        return self._conv_forward(x, weight, bias.to(weight.dtype))
 
 
 def freeze_batch_norm(module: nn.Module) -> None:
@@ -176,8 +157,8 @@ def fold_frozen_batch_norm(module: nn.Module) -> int:
 
 
 def relu_in_place(module: nn.Module) -> None:
-    """Let the backbone's ReLUs overwrite their input (every one follows a convolution or a residual
-    sum, neither of which needs its output for the backward): one feature-map allocation less each."""
+    """Let the ResNet's ReLUs overwrite their input (each follows a convolution, a batch norm or a
+    residual sum, none of which needs its output for the backward): one feature-map allocation less each."""
     for child in module.modules():
         if type(child) is nn.ReLU:
             child.inplace = True
