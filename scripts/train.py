@@ -87,9 +87,9 @@ def apply_defaults(args):
     """Fill in what depends on the dataset: a small, fast run on synthetic data, DETR's recipe otherwise."""
     synthetic = args.dataset_name is None
     defaults = (
-        dict(image_size=128, max_size=128, augmentation="flip", num_train_epochs=30, per_device_train_batch_size=16,
+        dict(image_size=128, max_size=128, augmentation="flip", num_train_epochs=18, per_device_train_batch_size=16,
              per_device_eval_batch_size=32, learning_rate=5e-4, backbone_learning_rate=5e-4,
-             synthetic_train_images=1200, synthetic_val_images=200)
+             synthetic_train_images=4000, synthetic_val_images=200)
         if synthetic
         else dict(image_size=800, max_size=1333, augmentation="detr", num_train_epochs=300, per_device_train_batch_size=4,
                   per_device_eval_batch_size=4, learning_rate=1e-4, backbone_learning_rate=1e-5)
