@@ -19,22 +19,24 @@ def tiny_backbone_config(**overrides):
     return ResNetConfig(**kwargs)
 
 
+# The transformer sizes shared by the tiny hf_detr configs and the tiny transformers DETR configs.
+TINY_SIZES = dict(
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=3,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    num_queries=10,
+    num_labels=5,
+)
+
+
 def tiny_config(**overrides):
     import hf_detr
 
-    kwargs = dict(
-        backbone_config=tiny_backbone_config(),
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=3,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        num_queries=10,
-        num_labels=5,
-        dropout=0.0,
-    )
+    kwargs = dict(backbone_config=tiny_backbone_config(), **TINY_SIZES, dropout=0.0)
     kwargs.update(overrides)
     return hf_detr.HfDetrConfig(**kwargs)
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, DetrConfig, DetrForObjectDetection
 
 import hf_detr
-from conftest import random_labels, tiny_backbone_config
+from conftest import TINY_SIZES, random_labels, tiny_backbone_config
 from hf_detr.convert import COCO_CATEGORIES, config_from_detr_config, convert_checkpoint, convert_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,15 +32,7 @@ def tiny_detr_config(**overrides) -> DetrConfig:
     kwargs = dict(
         backbone_config=tiny_backbone_config(),
         use_timm_backbone=False,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=3,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        num_queries=10,
-        num_labels=5,
+        **TINY_SIZES,
         auxiliary_loss=False,  # as in the published configs
     )
     kwargs.update(overrides)
