@@ -21,7 +21,7 @@ def check_labels(labels: list[dict], num_labels: int) -> None:
         if "class_labels" not in target or "boxes" not in target:
             raise ValueError(f"labels[{image_index}] must have 'class_labels' and 'boxes', got keys {sorted(target)}")
         classes, boxes = target["class_labels"], target["boxes"]
-        if boxes.ndim != 2 or boxes.shape[-1] != 4 or len(boxes) != len(classes):
+        if boxes.ndim != 2 or boxes.shape[-1] != 4 or boxes.shape[0] != classes.shape[0]:
             raise ValueError(
                 f"labels[{image_index}]: 'boxes' must be [N, 4] with N = len(class_labels) = {len(classes)}, "
                 f"got shape {tuple(boxes.shape)}"
@@ -35,7 +35,7 @@ def check_labels(labels: list[dict], num_labels: int) -> None:
     if not bad.any():
         return
     position = int(bad.nonzero()[0])
-    sizes = torch.tensor([len(t["class_labels"]) for t in labels]).cumsum(0)
+    sizes = torch.tensor([t["class_labels"].shape[0] for t in labels]).cumsum(0)
     image_index = int((sizes <= position).sum())
     position -= int(sizes[image_index - 1]) if image_index else 0
     box, class_id = labels[image_index]["boxes"][position], int(labels[image_index]["class_labels"][position])
@@ -55,7 +55,7 @@ def _bad_boxes(boxes: torch.Tensor) -> torch.Tensor:
 def num_boxes_across_processes(labels: list[dict], device: torch.device) -> float:
     """Target boxes in this batch, averaged over processes when torch.distributed runs, at least 1,
     so that every process normalises its loss by the same number."""
-    num_boxes = torch.tensor(float(sum(len(target["class_labels"]) for target in labels)), device=device)
+    num_boxes = torch.tensor(float(sum(target["class_labels"].shape[0] for target in labels)), device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(num_boxes)
         num_boxes = num_boxes / dist.get_world_size()
@@ -104,10 +104,10 @@ class SetCriterion(nn.Module):
 
         # Flatten the matches of all layers and images into (layer, image, query) -> target rows.
         pairs = [pair for layer_indices in indices for pair in layer_indices]  # layer-major, image-minor
-        matches_per_pair = torch.tensor([len(query) for query, _ in pairs])
+        matches_per_pair = torch.tensor([query.shape[0] for query, _ in pairs])
         layer_image = torch.arange(num_layers * batch).repeat_interleave(matches_per_pair)
         layer_idx, image_idx = layer_image // batch, layer_image % batch
-        offsets = torch.tensor([0] + [len(t["class_labels"]) for t in labels[:-1]]).cumsum(0)
+        offsets = torch.tensor([0] + [t["class_labels"].shape[0] for t in labels[:-1]]).cumsum(0)
         query_idx = torch.cat([query for query, _ in pairs])
         target_idx = torch.cat([target for _, target in pairs]) + offsets[image_idx]
         layer_idx, image_idx, query_idx, target_idx = (i.to(device) for i in (layer_idx, image_idx, query_idx, target_idx))
@@ -149,5 +149,5 @@ class SetCriterion(nn.Module):
         # no-object logit (argmax takes the first of tied maxima) or is NaN (argmax picks NaN).
         best_real = logits[..., :-1].amax(-1)
         predicted = ((best_real >= logits[..., -1]) | best_real.isnan()).sum(1).float()
-        expected = torch.tensor([float(len(t["class_labels"])) for t in labels], device=logits.device)
+        expected = torch.tensor([float(t["class_labels"].shape[0]) for t in labels], device=logits.device)
         return (predicted - expected).abs().mean()

@@ -12,7 +12,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .box_ops import coordinate_generalized_box_iou, cxcywh_to_xyxy
+from .box_ops import cxcywh_to_xyxy, generalized_box_iou_planes
 
 
 class HungarianMatcher(nn.Module):
@@ -38,7 +38,7 @@ class HungarianMatcher(nn.Module):
 
         Column t of image b is its target t; columns past that image's target count are padding (0).
         """
-        sizes = [len(target["class_labels"]) for target in labels]
+        sizes = [target["class_labels"].shape[0] for target in labels]
         num_layers, batch, num_queries = logits.shape[:3]
         costs = self.target_costs(logits, pred_boxes, labels)  # [L, N, Q]
         padded = costs.new_zeros(num_layers, batch, max(sizes, default=0), num_queries)
@@ -57,7 +57,7 @@ class HungarianMatcher(nn.Module):
         Target-major, so that every pairwise op broadcasts a per-target scalar along the contiguous
         query axis: on CPU several times faster than a [..., Q, T] layout whose innermost axis is the
         few targets, and no work is spent on padding targets."""
-        sizes = torch.tensor([len(target["class_labels"]) for target in labels])
+        sizes = torch.tensor([target["class_labels"].shape[0] for target in labels])
         num_layers, batch, num_queries, num_classes = logits.shape
         image = torch.repeat_interleave(torch.arange(batch), sizes).to(logits.device)  # [N]: each target's image
         target_ids = torch.cat([target["class_labels"] for target in labels]).to(logits.device)
@@ -72,14 +72,12 @@ class HungarianMatcher(nn.Module):
         flat = ((image * num_queries)[:, None] + queries) * num_classes + target_ids[:, None]  # [N, Q] into [B, Q, K+1]
         class_cost = log_probs.index_select(1, flat.flatten()).view(num_layers, -1, num_queries).exp_()  # [L, N, Q]
         # Box coordinates as contiguous planes: predictions [8, L, N, Q] (cxcywh then xyxy, gathered per
-        # target), targets [8, N, 1].
+        # target), targets [8, 1, N, 1].
         pred = torch.cat((pred_boxes.float(), cxcywh_to_xyxy(pred_boxes.float())), -1).movedim(-1, 0)
         pred = pred.reshape(8 * num_layers, batch, num_queries).index_select(1, image).view(8, num_layers, -1, num_queries)
-        target = torch.cat((target_boxes, cxcywh_to_xyxy(target_boxes)), -1).T[..., None]
-        bbox_cost = (pred[0] - target[0]).abs_()  # L1 over (cx, cy, w, h)
-        for i in range(1, 4):
-            bbox_cost += (pred[i] - target[i]).abs_()
-        giou = coordinate_generalized_box_iou(pred[4:].unbind(0), target[4:].unbind(0))
+        target = torch.cat((target_boxes, cxcywh_to_xyxy(target_boxes)), -1).T[:, None, :, None]
+        bbox_cost = (pred[:4] - target[:4]).abs_().sum(0)  # L1 over (cx, cy, w, h), [L, N, Q]
+        giou = generalized_box_iou_planes(pred[4:], target[4:])
         cost = bbox_cost.mul_(self.bbox_cost).sub_(class_cost.mul_(self.class_cost)).sub_(giou.mul_(self.giou_cost))
         # A diverged prediction (NaN/inf box) must not crash the solver: make it the costliest choice.
         max_value = torch.finfo(cost.dtype).max
@@ -91,7 +89,7 @@ class HungarianMatcher(nn.Module):
     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] -> indices[layer][image] = (query_idx, target_idx).
         log_probs: optional fp32 `logits.log_softmax(-1)`, see target_costs."""
-        sizes = [len(target["class_labels"]) for target in labels]
+        sizes = [target["class_labels"].shape[0] for target in labels]
         num_layers, batch = logits.shape[:2]
         empty = torch.empty(0, dtype=torch.long)
         if max(sizes) == 0:
@@ -107,7 +105,7 @@ class HungarianMatcher(nn.Module):
             if size
         ]
         # Order and convert all pairs at once: sort by (problem, query), then split into per-image views.
-        counts = [len(query_idx) for _, query_idx in solved]
+        counts = [query_idx.shape[0] for _, query_idx in solved]
         query_idx = np.concatenate([query_idx for _, query_idx in solved])
         target_idx = np.concatenate([target_idx for target_idx, _ in solved])
         order = np.lexsort((query_idx, np.repeat(np.arange(len(solved)), counts)))

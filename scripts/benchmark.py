@@ -554,6 +554,8 @@ def main(argv=None):
 
     started = time.perf_counter()
     header = machine_lines()
+    if os.path.exists("/proc/loadavg") and float(open("/proc/loadavg").read().split()[0]) > 0.5:
+        header.append("WARNING: other processes are using the CPU (load average above); timings will be noisy")
     print("\n".join(header))
     print(f"timings: median of interleaved (transformers, hf_detr) pairs; repeats {sizes.repeats}, warm-up {sizes.warmup}")
     sys.stdout.flush()
