@@ -64,7 +64,7 @@ def num_boxes_across_processes(labels: list[dict], device: torch.device) -> floa
 
 class SetCriterion(nn.Module):
     """Args:
-    matcher: called as `matcher.match_layers(logits, pred_boxes, labels, log_probs=...)` (see matching.py).
+    matcher: a `Matcher`, called as `matcher.match_pairs(logits, pred_boxes, labels, log_probs=...)` (see matching.py).
     num_labels: K, the number of real classes; class K is "no object".
     eos_coefficient: cross-entropy weight of the "no object" class.
     ce_coefficient, bbox_coefficient, giou_coefficient: weights of the three terms in the total loss.
@@ -100,16 +100,11 @@ class SetCriterion(nn.Module):
         labels = [{k: v.to(device) for k, v in target.items() if k in ("class_labels", "boxes")} for target in labels]
         # One log-softmax serves the matcher's class cost (detached) and the cross-entropy below.
         log_probs = logits.float().log_softmax(-1)  # [L, B, Q, K+1]
-        indices = self.matcher.match_layers(logits.detach(), pred_boxes.detach(), labels, log_probs=log_probs.detach())
-
-        # Flatten the matches of all layers and images into (layer, image, query) -> target rows.
-        pairs = [pair for layer_indices in indices for pair in layer_indices]  # layer-major, image-minor
-        matches_per_pair = torch.tensor([query.shape[0] for query, _ in pairs])
-        layer_image = torch.arange(num_layers * batch).repeat_interleave(matches_per_pair)
-        layer_idx, image_idx = layer_image // batch, layer_image % batch
+        pairs = self.matcher.match_pairs(logits.detach(), pred_boxes.detach(), labels, log_probs=log_probs.detach())
+        # Matched (layer, image, query) -> row of the batch's concatenated targets.
         offsets = torch.tensor([0] + [t["class_labels"].shape[0] for t in labels[:-1]]).cumsum(0)
-        query_idx = torch.cat([query for query, _ in pairs])
-        target_idx = torch.cat([target for _, target in pairs]) + offsets[image_idx]
+        layer_idx, image_idx, query_idx, target_idx = pairs
+        target_idx = target_idx + offsets[image_idx]
         layer_idx, image_idx, query_idx, target_idx = (i.to(device) for i in (layer_idx, image_idx, query_idx, target_idx))
         target_classes_all = torch.cat([t["class_labels"] for t in labels])
         target_boxes_all = torch.cat([t["boxes"] for t in labels]).to(pred_boxes.dtype)

@@ -1,10 +1,11 @@
 """Bipartite matching between predicted and ground-truth boxes. The extension point for matchers.
 
-A matcher is called as `matcher(logits, pred_boxes, labels)` and returns one
-`(query_indices, target_indices)` pair of LongTensors per image. `match_layers` does the same for the
-outputs of every decoder layer at once; the loss calls it once per training step, as
-`match_layers(logits, pred_boxes, labels, log_probs=...)`: `log_probs` is `logits.log_softmax(-1)` in
-fp32, which the loss computes for its cross-entropy anyway; a matcher may use it or ignore it.
+A matcher subclasses `Matcher` and implements `match_pairs`: the matched (layer, image, query, target)
+pairs of every decoder layer at once, as four flat index tensors; the loss calls it once per training
+step. `Matcher` derives the per-image views from it: `match_layers(logits, pred_boxes, labels)` ->
+`indices[layer][image] = (query_indices, target_indices)`, and `matcher(logits, pred_boxes, labels)`
+for one layer. `log_probs`, when given, is `logits.log_softmax(-1)` in fp32, which the loss computes
+for its cross-entropy anyway; a matcher may use it or ignore it.
 """
 
 import numpy as np
@@ -15,7 +16,38 @@ from torch import nn
 from .box_ops import cxcywh_to_xyxy, generalized_box_iou_planes
 
 
-class HungarianMatcher(nn.Module):
+class Matcher(nn.Module):
+    """Base of the matchers: subclasses implement `match_pairs`."""
+
+    def match_pairs(
+        self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict], log_probs: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] (cxcywh, 0..1), labels: per image
+        {"class_labels": Long[N], "boxes": Float[N, 4] cxcywh 0..1}
+        -> (layer_idx, image_idx, query_idx, target_idx), LongTensors [M] on the CPU: every matched pair,
+        ordered by layer, then image, then query; target_idx indexes the image's own targets."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def match_layers(
+        self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict], log_probs: torch.Tensor | None = None
+    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] -> indices[layer][image] = (query_idx, target_idx)."""
+        layer_idx, image_idx, query_idx, target_idx = self.match_pairs(logits, pred_boxes, labels, log_probs)
+        num_layers, batch = logits.shape[:2]
+        counts = torch.bincount(layer_idx * batch + image_idx, minlength=num_layers * batch).tolist()
+        queries, targets = query_idx.split(counts), target_idx.split(counts)
+        return [[(queries[i], targets[i]) for i in range(layer * batch, (layer + 1) * batch)] for layer in range(num_layers)]
+
+    def forward(
+        self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """logits [B, Q, K+1], pred_boxes [B, Q, 4] (cxcywh, 0..1), labels: per image
+        {"class_labels": Long[N], "boxes": Float[N, 4] cxcywh 0..1} -> per image (query_idx, target_idx)."""
+        return self.match_layers(logits[None], pred_boxes[None], labels)[0]
+
+
+class HungarianMatcher(Matcher):
     """DETR's optimal one-to-one assignment (sec. 3.1): cost = - class_cost * p(target class)
     + bbox_cost * L1(cxcywh) - giou_cost * GIoU(xyxy), solved per image with scipy's
     `linear_sum_assignment`. Queries left unmatched are trained towards "no object".
@@ -84,44 +116,26 @@ class HungarianMatcher(nn.Module):
         return cost.nan_to_num_(nan=max_value, posinf=max_value, neginf=max_value)
 
     @torch.no_grad()
-    def match_layers(
+    def match_pairs(
         self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict], log_probs: torch.Tensor | None = None
-    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] -> indices[layer][image] = (query_idx, target_idx).
-        log_probs: optional fp32 `logits.log_softmax(-1)`, see target_costs."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """See `Matcher.match_pairs`; log_probs: optional fp32 `logits.log_softmax(-1)`."""
         sizes = [target["class_labels"].shape[0] for target in labels]
         num_layers, batch = logits.shape[:2]
-        empty = torch.empty(0, dtype=torch.long)
-        if max(sizes) == 0:
-            return [[(empty, empty)] * batch for _ in range(num_layers)]
-        cost = self.target_costs(logits, pred_boxes, labels, log_probs).cpu().numpy()  # one host transfer, [L, N, Q]
-        starts = _starts(sizes)
+        if max(sizes, default=0) == 0:
+            return tuple(torch.empty(0, dtype=torch.long) for _ in range(4))
+        # One host transfer, [L, N, Q], in the float64 scipy solves in (else it converts every problem).
+        cost = self.target_costs(logits, pred_boxes, labels, log_probs).to("cpu", torch.float64).numpy()
+        problems = [(layer, image, start, size) for layer in range(num_layers) for image, (start, size) in enumerate(zip(_starts(sizes), sizes)) if size]
         # Solving each [T, Q] problem is what scipy does anyway for Q > T (it transposes); ordering each
-        # image's pairs by query afterwards gives the pairs in the order of the [Q, T] solve.
-        solved = [
-            linear_sum_assignment(layer_cost[start : start + size])
-            for layer_cost in cost
-            for start, size in zip(starts, sizes)
-            if size
-        ]
-        # Order and convert all pairs at once: sort by (problem, query), then split into per-image views.
+        # problem's pairs by query afterwards gives the pairs in the order of the [Q, T] solve.
+        solved = [linear_sum_assignment(cost[layer, start : start + size]) for layer, _, start, size in problems]
         counts = [query_idx.shape[0] for _, query_idx in solved]
         query_idx = np.concatenate([query_idx for _, query_idx in solved])
         target_idx = np.concatenate([target_idx for target_idx, _ in solved])
-        order = np.lexsort((query_idx, np.repeat(np.arange(len(solved)), counts)))
-        query_parts = iter(torch.from_numpy(query_idx[order]).split(counts))
-        target_parts = iter(torch.from_numpy(target_idx[order]).split(counts))
-        return [
-            [(next(query_parts), next(target_parts)) if size else (empty, empty) for size in sizes]
-            for _ in range(num_layers)
-        ]
-
-    def forward(
-        self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """logits [B, Q, K+1], pred_boxes [B, Q, 4] (cxcywh, 0..1), labels: per image
-        {"class_labels": Long[N], "boxes": Float[N, 4] cxcywh 0..1} -> per image (query_idx, target_idx)."""
-        return self.match_layers(logits[None], pred_boxes[None], labels)[0]
+        layer_idx, image_idx = (np.repeat(np.array([p[i] for p in problems]), counts) for i in (0, 1))
+        order = np.lexsort((query_idx, layer_idx * batch + image_idx))
+        return tuple(torch.from_numpy(a[order]) for a in (layer_idx, image_idx, query_idx, target_idx))
 
 
 def _starts(sizes: list[int]) -> list[int]:
