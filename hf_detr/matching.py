@@ -13,7 +13,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .box_ops import cxcywh_to_xyxy, generalized_box_iou_planes
+from .box_ops import generalized_box_iou_planes
 
 
 class Matcher(nn.Module):
@@ -103,11 +103,11 @@ class HungarianMatcher(Matcher):
         queries = torch.arange(num_queries, device=logits.device)
         flat = ((image * num_queries)[:, None] + queries) * num_classes + target_ids[:, None]  # [N, Q] into [B, Q, K+1]
         class_cost = log_probs.index_select(1, flat.flatten()).view(num_layers, -1, num_queries).exp_()  # [L, N, Q]
-        # Box coordinates as contiguous planes: predictions [8, L, N, Q] (cxcywh then xyxy, gathered per
-        # target), targets [8, 1, N, 1].
-        pred = torch.cat((pred_boxes.float(), cxcywh_to_xyxy(pred_boxes.float())), -1).movedim(-1, 0)
-        pred = pred.reshape(8 * num_layers, batch, num_queries).index_select(1, image).view(8, num_layers, -1, num_queries)
-        target = torch.cat((target_boxes, cxcywh_to_xyxy(target_boxes)), -1).T[:, None, :, None]
+        # Box coordinates as contiguous planes (cx, cy, w, h, then x0, y0, x1, y1): predictions
+        # [8, L, N, Q] (gathered per target), targets [8, 1, N, 1].
+        pred = pred_boxes.float().movedim(-1, 0).reshape(4 * num_layers, batch, num_queries).index_select(1, image)
+        pred = _with_corners(pred.view(4, num_layers, -1, num_queries))
+        target = _with_corners(target_boxes.T[:, None, :, None])
         bbox_cost = (pred[:4] - target[:4]).abs_().sum(0)  # L1 over (cx, cy, w, h), [L, N, Q]
         giou = generalized_box_iou_planes(pred[4:], target[4:])
         cost = bbox_cost.mul_(self.bbox_cost).sub_(class_cost.mul_(self.class_cost)).sub_(giou.mul_(self.giou_cost))
@@ -136,6 +136,13 @@ class HungarianMatcher(Matcher):
         layer_idx, image_idx = (np.repeat(np.array([p[i] for p in problems]), counts) for i in (0, 1))
         order = np.lexsort((query_idx, layer_idx * batch + image_idx))
         return tuple(torch.from_numpy(a[order]) for a in (layer_idx, image_idx, query_idx, target_idx))
+
+
+def _with_corners(planes: torch.Tensor) -> torch.Tensor:
+    """cxcywh coordinate planes [4, ...] -> [8, ...]: the same followed by their xyxy planes
+    (x0 = cx - 0.5 * w, as `cxcywh_to_xyxy` computes it)."""
+    half = 0.5 * planes[2:]
+    return torch.cat((planes, planes[:2] - half, planes[:2] + half))
 
 
 def _starts(sizes: list[int]) -> list[int]:
