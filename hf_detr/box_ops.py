@@ -31,13 +31,15 @@ def _iou_union_enclosing(boxes1: torch.Tensor, boxes2: torch.Tensor):
     Coordinate planes keep every broadcast on the trailing dimensions (a pairwise [..., N, 1] x [..., 1, M]
     never broadcasts along a size-2 corner axis), several times faster on CPU, and the x and y halves
     go through each op together."""
-    area1 = (boxes1[2] - boxes1[0]) * (boxes1[3] - boxes1[1])
-    area2 = (boxes2[2] - boxes2[0]) * (boxes2[3] - boxes2[1])
-    inter_wh = (torch.minimum(boxes1[2:], boxes2[2:]) - torch.maximum(boxes1[:2], boxes2[:2])).clamp(min=0)
+    # In-place ops only ever overwrite intermediates made here (autograd keeps what it needs), so the
+    # large pairwise case allocates about half as much.
+    area1 = (boxes1[2] - boxes1[0]).mul_(boxes1[3] - boxes1[1])
+    area2 = (boxes2[2] - boxes2[0]).mul_(boxes2[3] - boxes2[1])
+    inter_wh = torch.minimum(boxes1[2:], boxes2[2:]).sub_(torch.maximum(boxes1[:2], boxes2[:2])).clamp_(min=0)
     inter = inter_wh[0] * inter_wh[1]
-    union = area1 + area2 - inter
-    hull_wh = (torch.maximum(boxes1[2:], boxes2[2:]) - torch.minimum(boxes1[:2], boxes2[:2])).clamp(min=0)
-    return inter / union, union, hull_wh[0] * hull_wh[1]
+    union = (area1 + area2).sub_(inter)
+    hull_wh = torch.maximum(boxes1[2:], boxes2[2:]).sub_(torch.minimum(boxes1[:2], boxes2[:2])).clamp_(min=0)
+    return inter.div_(union), union, hull_wh[0] * hull_wh[1]
 
 
 def _pairwise_planes(boxes1: torch.Tensor, boxes2: torch.Tensor):
@@ -61,7 +63,7 @@ def generalized_box_iou_planes(boxes1: torch.Tensor, boxes2: torch.Tensor) -> to
     each other (e.g. per-target [4, N, 1] against per-query [4, L, N, Q] -> [L, N, Q]), for callers
     that hold coordinate planes already."""
     iou, union, hull = _iou_union_enclosing(boxes1, boxes2)
-    return iou - (hull - union) / hull
+    return iou.sub_((hull - union).div_(hull))
 
 
 def elementwise_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:

@@ -141,8 +141,12 @@ class HungarianMatcher(Matcher):
 def _with_corners(planes: torch.Tensor) -> torch.Tensor:
     """cxcywh coordinate planes [4, ...] -> [8, ...]: the same followed by their xyxy planes
     (x0 = cx - 0.5 * w, as `cxcywh_to_xyxy` computes it)."""
+    out = planes.new_empty((8, *planes.shape[1:]))
+    out[:4] = planes
     half = 0.5 * planes[2:]
-    return torch.cat((planes, planes[:2] - half, planes[:2] + half))
+    torch.sub(planes[:2], half, out=out[4:6])
+    torch.add(planes[:2], half, out=out[6:])
+    return out
 
 
 def _starts(sizes: list[int]) -> list[int]:
