@@ -15,6 +15,8 @@ from torch import nn
 
 from .box_ops import generalized_box_iou_planes
 
+CPU_ENTRIES_PER_PASS = 1 << 16  # cost entries (layer x target x query) built together on CPU; see target_costs
+
 
 class Matcher(nn.Module):
     """Base of the matchers: subclasses implement `match_pairs`."""
@@ -80,11 +82,18 @@ class HungarianMatcher(Matcher):
 
     @torch.no_grad()
     def target_costs(
-        self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict], log_probs: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        pred_boxes: torch.Tensor,
+        labels: list[dict],
+        log_probs: torch.Tensor | None = None,
+        layers_per_pass: int | None = None,
     ) -> torch.Tensor:
         """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] -> cost [L, N, Q] of the batch's N targets
         (image by image, in label order), each against the queries of its own image. log_probs: the
         fp32 `logits.log_softmax(-1)` if the caller has it (saves a pass over the logits).
+        layers_per_pass: how many layers' costs are built together (default: about
+        `CPU_ENTRIES_PER_PASS` entries on CPU, all layers on GPU; the result is the same).
 
         Target-major, so that every pairwise op broadcasts a per-target scalar along the contiguous
         query axis: on CPU several times faster than a [..., Q, T] layout whose innermost axis is the
@@ -94,26 +103,42 @@ class HungarianMatcher(Matcher):
         image = torch.repeat_interleave(torch.arange(batch), sizes).to(logits.device)  # [N]: each target's image
         target_ids = torch.cat([target["class_labels"] for target in labels]).to(logits.device)
         target_boxes = torch.cat([target["boxes"] for target in labels]).to(logits.device, torch.float32)
-
-        # p(target class) = exp(log_softmax) at [layer, target's image, query, target's class]: log_softmax
-        # is the faster full pass on CPU, and the exp runs on the gathered [L, N, Q] only.
         if log_probs is None:
             log_probs = logits.float().log_softmax(-1)  # costs in fp32 whatever the model ran in
-        log_probs = log_probs.detach().reshape(num_layers, -1)
+        # Index of (target's image, query, target's class) in one layer's flattened [B, Q, K+1].
         queries = torch.arange(num_queries, device=logits.device)
-        flat = ((image * num_queries)[:, None] + queries) * num_classes + target_ids[:, None]  # [N, Q] into [B, Q, K+1]
-        class_cost = log_probs.index_select(1, flat.flatten()).view(num_layers, -1, num_queries).exp_()  # [L, N, Q]
-        # Box coordinates as contiguous planes (cx, cy, w, h, then x0, y0, x1, y1): predictions
-        # [8, L, N, Q] (gathered per target), targets [8, 1, N, 1].
-        pred = pred_boxes.float().movedim(-1, 0).reshape(4 * num_layers, batch, num_queries).index_select(1, image)
-        pred = _with_corners(pred.view(4, num_layers, -1, num_queries))
-        target = _with_corners(target_boxes.T[:, None, :, None])
-        bbox_cost = (pred[:4] - target[:4]).abs_().sum(0)  # L1 over (cx, cy, w, h), [L, N, Q]
-        giou = generalized_box_iou_planes(pred[4:], target[4:])
-        cost = bbox_cost.mul_(self.bbox_cost).sub_(class_cost.mul_(self.class_cost)).sub_(giou.mul_(self.giou_cost))
+        flat = (((image * num_queries)[:, None] + queries) * num_classes + target_ids[:, None]).flatten()  # [N * Q]
+        target = _with_corners(target_boxes.T[:, :, None])  # [8, N, 1]: cx, cy, w, h, x0, y0, x1, y1
+        cost = torch.empty(num_layers, int(sizes.sum()), num_queries, device=logits.device)
+        # On CPU, a few layers per pass, about 64k cost entries: enough for torch's intra-op threads
+        # (grain 32k elements), while the temporaries stay at a few MB. All layers at once reached
+        # ~8 MB for 6 layers x 32 images x 100 queries, which glibc can hand back to the kernel after
+        # each call and re-fault on the next (the whole loss then took 7.5 ms instead of 3.0 ms). On
+        # GPU the caching allocator has no such cost, and one pass launches the fewest kernels.
+        if layers_per_pass is None:
+            per_layer = cost[0].numel()
+            layers_per_pass = max(1, CPU_ENTRIES_PER_PASS // max(per_layer, 1)) if logits.device.type == "cpu" else num_layers
+        for start in range(0, num_layers, layers_per_pass):
+            layers = slice(start, start + layers_per_pass)
+            cost[layers] = self._layer_costs(log_probs[layers].detach(), pred_boxes[layers], image, flat, target)
         # A diverged prediction (NaN/inf box) must not crash the solver: make it the costliest choice.
         max_value = torch.finfo(cost.dtype).max
         return cost.nan_to_num_(nan=max_value, posinf=max_value, neginf=max_value)
+
+    def _layer_costs(self, log_probs, pred_boxes, image, flat, target) -> torch.Tensor:
+        """log_probs [l, B, Q, K+1], pred_boxes [l, B, Q, 4] of a few layers -> cost [l, N, Q]."""
+        num_layers, batch, num_queries = pred_boxes.shape[:3]
+        # p(target class) = exp(log_softmax) at [layer, target's image, query, target's class]: log_softmax
+        # is the faster full pass on CPU, and the exp runs on the gathered [l, N, Q] only.
+        class_cost = log_probs.reshape(num_layers, -1).index_select(1, flat).view(num_layers, -1, num_queries).exp_()
+        # Box coordinates as contiguous planes (cx, cy, w, h, then x0, y0, x1, y1): predictions
+        # [8, l, N, Q] (gathered per target), targets [8, 1, N, 1].
+        pred = pred_boxes.float().movedim(-1, 0).reshape(4 * num_layers, batch, num_queries).index_select(1, image)
+        pred = _with_corners(pred.view(4, num_layers, -1, num_queries))
+        target = target[:, None]
+        bbox_cost = (pred[:4] - target[:4]).abs_().sum(0)  # L1 over (cx, cy, w, h), [l, N, Q]
+        giou = generalized_box_iou_planes(pred[4:], target[4:])
+        return bbox_cost.mul_(self.bbox_cost).sub_(class_cost.mul_(self.class_cost)).sub_(giou.mul_(self.giou_cost))
 
     @torch.no_grad()
     def match_pairs(

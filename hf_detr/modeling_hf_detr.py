@@ -228,6 +228,36 @@ def sine_position_embedding(mask: torch.Tensor, d_model: int, temperature: int, 
 # ------------------------------------------------------------------------------------------ transformer
 
 
+# oneDNN runs fp32 products at the CPU's peak on x86 with AVX2 or AVX-512; see Linear.
+_ONEDNN_PRODUCTS = torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() in {"AVX2", "AVX512"}
+_ONEDNN_MIN_MACS = 1 << 23  # smaller products (a few query rows, the 4-wide box output) stay faster in sgemm
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters, state-dict keys and initialisation) whose fp32 product on an
+    x86 CPU runs through oneDNN, as a 1x1 convolution over a channels-last [1, in, 1, N] view of the
+    N input rows. torch gives fp32 matmuls to MKL's sgemm, which on the AMD EPYC (Zen 5) we measure
+    on runs at ~215 GFLOP/s on this model's shapes, against ~460 for oneDNN on the same products
+    (fp32 arithmetic both, summed in another order: outputs agree to ~1e-7 relative). Forward and
+    backward both take the oneDNN path: 1.7-2.1x on the encoder's and FFNs' products. Products under
+    ~8M multiply-adds, where sgemm is as fast or faster, and everything else (GPU, autocast, other
+    CPUs, `torch.backends.mkldnn.enabled = False`) use nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (
+            _ONEDNN_PRODUCTS
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and x.numel() * self.out_features >= _ONEDNN_MIN_MACS
+            and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            return super().forward(x)
+        rows = x.reshape(1, 1, -1, self.in_features).permute(0, 3, 1, 2)  # [1, in, 1, N], channels-last
+        out = F.conv2d(rows, self.weight[:, :, None, None], self.bias)  # [1, out, 1, N], channels-last
+        return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
+
+
 class HfDetrAttention(nn.Module):
     """Multi-head attention. Positions are added by the caller to what becomes queries and keys,
     never to values (DETR sec. A.3). key_padding_mask [B, S] is True on real positions."""
@@ -235,10 +265,10 @@ class HfDetrAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, dropout: float):
         super().__init__()
         self.num_heads, self.head_dim, self.dropout = num_heads, d_model // num_heads, dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.o_proj = nn.Linear(d_model, d_model)
+        self.q_proj = Linear(d_model, d_model)
+        self.k_proj = Linear(d_model, d_model)
+        self.v_proj = Linear(d_model, d_model)
+        self.o_proj = Linear(d_model, d_model)
 
     def forward(self, query, key, value, key_padding_mask=None, output_attentions=False):
         """query [B, T, D], key and value [B, S, D] -> (output [B, T, D], weights [B, heads, T, S] or None)."""
@@ -267,7 +297,7 @@ class HfDetrMLP(nn.Module):
 
     def __init__(self, d_model: int, ffn_dim: int, activation: str, activation_dropout: float):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d_model, ffn_dim), nn.Linear(ffn_dim, d_model)
+        self.fc1, self.fc2 = Linear(d_model, ffn_dim), Linear(ffn_dim, d_model)
         self.activation, self.activation_dropout = ACT2FN[activation], activation_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -498,7 +528,7 @@ class HfDetrBoxHead(nn.Module):
     def __init__(self, d_model: int, num_layers: int = 3):
         super().__init__()
         sizes = [d_model] * num_layers + [4]
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(Linear(n, k) for n, k in zip(sizes[:-1], sizes[1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers[:-1]:
@@ -513,7 +543,7 @@ class HfDetrForObjectDetection(HfDetrPreTrainedModel):
     def __init__(self, config: HfDetrConfig):
         super().__init__(config)
         self.model = HfDetrModel(config)
-        self.class_labels_classifier = nn.Linear(config.d_model, config.num_labels + 1)
+        self.class_labels_classifier = Linear(config.d_model, config.num_labels + 1)
         self.bbox_predictor = HfDetrBoxHead(config.d_model)
         matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost)
         self.criterion = SetCriterion(

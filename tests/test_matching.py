@@ -62,6 +62,18 @@ def test_all_layers_batched_equal_per_layer_per_image(generator):
             assert torch.equal(batched[layer][b][0], single[0]) and torch.equal(batched[layer][b][1], single[1])
 
 
+@pytest.mark.parametrize("layers_per_pass", [None, 1, 2, 3])
+def test_target_costs_match_the_paper_whatever_the_layers_per_pass(layers_per_pass, generator):
+    matcher = hf_detr.HungarianMatcher()
+    logits, boxes = random_predictions(3, 3, 6, 4, generator)
+    labels = random_labels([2, 0, 3], 4, generator)
+    cost = matcher.target_costs(logits, boxes, labels, layers_per_pass=layers_per_pass)  # [L, N, Q]
+    assert cost.shape == (3, 5, 6)
+    for layer in range(3):
+        expected = torch.cat([naive_cost(logits[layer, b], boxes[layer, b], labels[b]).T for b in range(3)])
+        torch.testing.assert_close(cost[layer], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_images_without_objects_give_empty_indices(generator):
     matcher = hf_detr.HungarianMatcher()
     logits, boxes = random_predictions(1, 2, 6, 2, generator)

@@ -51,3 +51,41 @@ def test_sdpa_backend_choice_gives_the_same_outputs(model, pixel_values, backend
 def test_unknown_sdpa_backend_is_rejected(model):
     with pytest.raises(ValueError, match="sdpa_backend"):
         enable_fast_mode(model, sdpa_backend="fastest")
+
+
+def ran_convolution(fn) -> bool:
+    with torch.profiler.profile() as profile:
+        fn()
+    return any(event.key == "aten::convolution" for event in profile.key_averages())
+
+
+def test_linear_matches_nn_linear_in_forward_and_backward():
+    from hf_detr.modeling_hf_detr import _ONEDNN_PRODUCTS, Linear
+
+    torch.manual_seed(0)
+    reference, ours = torch.nn.Linear(256, 128), Linear(256, 128)  # 256 x 256 x 128 products: the oneDNN path
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 128, 256)
+    x_ours = x.clone().requires_grad_()
+    x_reference = x.clone().requires_grad_()
+    out = ours(x_ours)
+    expected = reference(x_reference)
+    assert out.shape == (2, 128, 128)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_reference.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, reference.bias.grad, rtol=1e-5, atol=1e-5)
+    # Which path ran: oneDNN (a 1x1 convolution) where available, nn.Linear for small products,
+    # under autocast and with oneDNN switched off.
+    assert ran_convolution(lambda: ours(x)) == _ONEDNN_PRODUCTS
+    assert not ran_convolution(lambda: ours(x[:, :8]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ran_convolution(lambda: ours(x))
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert not ran_convolution(lambda: ours(x))
+    finally:
+        torch.backends.mkldnn.enabled = True
