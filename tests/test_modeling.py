@@ -267,3 +267,27 @@ def test_folding_keeps_state_dict_keys_and_values(model, inputs):
         reference.load_state_dict(state)
         model.load_state_dict(state)
         torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits)
+
+
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (1, 2), (3, 1), (3, 2)])
+def test_folded_batch_norm_convolution_equals_convolution_then_batch_norm(kernel, stride):
+    from hf_detr.modeling_hf_detr import FoldedBatchNormConv2d, FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, kernel, stride=stride, padding=kernel // 2, bias=False)
+    norm = FrozenBatchNorm2d(16)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(norm, name).copy_(torch.rand(16) + 0.5 if name in ("weight", "running_var") else torch.randn(16))
+    x = torch.randn(2, 8, 11, 14).contiguous(memory_format=torch.channels_last)  # odd sizes: strides do not divide
+    x_reference, x_folded = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = norm(conv(x_reference))
+    expected.backward(torch.ones_like(expected))
+    grad_expected = conv.weight.grad.clone()
+    conv.weight.grad = None
+    folded = FoldedBatchNormConv2d.fold(conv, norm)  # norm now passes its input through
+    actual = folded(x_folded)
+    actual.backward(torch.ones_like(actual))
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_folded.grad, x_reference.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded.weight.grad, grad_expected, rtol=1e-4, atol=1e-4)
