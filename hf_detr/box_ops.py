@@ -69,3 +69,28 @@ def generalized_box_iou_planes(boxes1: torch.Tensor, boxes2: torch.Tensor) -> to
 def elementwise_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """GIoU of boxes that broadcast against each other (e.g. matched pairs [N, 4] and [N, 4] -> [N])."""
     return generalized_box_iou_planes(boxes1.movedim(-1, 0), boxes2.movedim(-1, 0))
+
+
+def center_planes(boxes: torch.Tensor) -> torch.Tensor:
+    """[..., 4] cxcywh -> [5, ...] planes (cx, cy, w / 2, h / 2, w * h), what `l1_and_generalized_box_iou_planes` takes."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx, cy, 0.5 * w, 0.5 * h, w * h))
+
+
+def l1_and_generalized_box_iou_planes(planes1: torch.Tensor, planes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 distance of the cxcywh boxes and their GIoU, from `center_planes` [5, ...] that broadcast
+    against each other (e.g. per-target [5, 1, N, 1] against per-query [5, L, N, Q] -> [L, N, Q]).
+
+    Per axis, with centre distance d and half sizes u, v, the overlap is u + v - max(d, |u - v|)
+    (clamped at 0) and the enclosing box spans u + v + max(d, |u - v|): the lengths the corners give
+    (x0 = c - u, x1 = c + u), in fewer passes, and d and |u - v| are the L1 terms too (|w1 - w2| = 2 |u - v|)."""
+    diff = (planes1[:4] - planes2[:4]).abs_()  # d_x, d_y, |u_x - v_x|, |u_y - v_y|
+    l1 = diff[:2].sum(0).add_(diff[2:].sum(0), alpha=2)
+    reach = torch.maximum(diff[:2], diff[2:])
+    half_sums = planes1[2:4] + planes2[2:4]
+    overlap = (half_sums - reach).clamp_(min=0)
+    inter = overlap[0] * overlap[1]
+    hull_sides = half_sums.add_(reach)
+    hull = hull_sides[0] * hull_sides[1]
+    union = (planes1[4] + planes2[4]).sub_(inter)
+    return l1, inter.div_(union).sub_((hull - union).div_(hull))

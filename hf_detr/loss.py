@@ -14,9 +14,10 @@ from torch import nn
 from .box_ops import cxcywh_to_xyxy, elementwise_generalized_box_iou
 
 
-def check_labels(labels: list[dict], num_labels: int) -> None:
+def check_labels(labels: list[dict], num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Raise a ValueError naming the image index and annotation position of the first bad target:
-    boxes must be finite cxcywh in [0, 1] with positive size, class ids in [0, num_labels)."""
+    boxes must be finite cxcywh in [0, 1] with positive size, class ids in [0, num_labels).
+    -> every image's class_labels [N] and boxes [N, 4], concatenated in image order."""
     for image_index, target in enumerate(labels):
         if "class_labels" not in target or "boxes" not in target:
             raise ValueError(f"labels[{image_index}] must have 'class_labels' and 'boxes', got keys {sorted(target)}")
@@ -27,13 +28,13 @@ def check_labels(labels: list[dict], num_labels: int) -> None:
                 f"got shape {tuple(boxes.shape)}"
             )
     if not labels:
-        return
+        return torch.empty(0, dtype=torch.long), torch.empty(0, 4)
     # One check over the whole batch (a handful of tensor ops, one host sync); only a failure pays for
     # the search of the first bad annotation.
     classes, boxes = torch.cat([t["class_labels"] for t in labels]), torch.cat([t["boxes"] for t in labels])
     bad = _bad_boxes(boxes) | (classes < 0) | (classes >= num_labels)
     if not bad.any():
-        return
+        return classes, boxes
     position = int(bad.nonzero()[0])
     sizes = torch.tensor([t["class_labels"].shape[0] for t in labels]).cumsum(0)
     image_index = int((sizes <= position).sum())
@@ -55,11 +56,12 @@ def _bad_boxes(boxes: torch.Tensor) -> torch.Tensor:
 def num_boxes_across_processes(labels: list[dict], device: torch.device) -> float:
     """Target boxes in this batch, averaged over processes when torch.distributed runs, at least 1,
     so that every process normalises its loss by the same number."""
-    num_boxes = torch.tensor(float(sum(target["class_labels"].shape[0] for target in labels)), device=device)
+    num_boxes = float(sum(target["class_labels"].shape[0] for target in labels))
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(num_boxes)
-        num_boxes = num_boxes / dist.get_world_size()
-    return max(num_boxes.item(), 1.0)
+        total = torch.tensor(num_boxes, device=device)
+        dist.all_reduce(total)
+        num_boxes = total.item() / dist.get_world_size()
+    return max(num_boxes, 1.0)
 
 
 class SetCriterion(nn.Module):
@@ -94,34 +96,34 @@ class SetCriterion(nn.Module):
         -> (loss, loss_dict). loss_dict has "loss_ce", "loss_bbox", "loss_giou" for the final layer,
         the same with suffix "_{i}" for intermediate layer i, and "cardinality_error" (a metric, not in loss).
         """
-        check_labels(labels, self.num_labels)
         num_layers, batch, num_queries = logits.shape[:3]
         device = logits.device
-        labels = [{k: v.to(device) for k, v in target.items() if k in ("class_labels", "boxes")} for target in labels]
+        target_classes_all, target_boxes_all = check_labels(labels, self.num_labels)  # concatenated, [N], [N, 4]
+        target_classes_all, target_boxes_all = target_classes_all.to(device), target_boxes_all.to(device, pred_boxes.dtype)
         # One log-softmax serves the matcher's class cost (detached) and the cross-entropy below.
         log_probs = logits.float().log_softmax(-1)  # [L, B, Q, K+1]
-        pairs = self.matcher.match_pairs(logits.detach(), pred_boxes.detach(), labels, log_probs=log_probs.detach())
-        # Matched (layer, image, query) -> row of the batch's concatenated targets.
+        layer_idx, image_idx, query_idx, target_idx = self.matcher.match_pairs(
+            logits.detach(), pred_boxes.detach(), labels, log_probs=log_probs.detach()
+        )
+        # Each matched pair as a row of the flattened [L * B * Q] predictions and of the concatenated targets.
         offsets = torch.tensor([0] + [t["class_labels"].shape[0] for t in labels[:-1]]).cumsum(0)
-        layer_idx, image_idx, query_idx, target_idx = pairs
-        target_idx = target_idx + offsets[image_idx]
-        layer_idx, image_idx, query_idx, target_idx = (i.to(device) for i in (layer_idx, image_idx, query_idx, target_idx))
-        target_classes_all = torch.cat([t["class_labels"] for t in labels])
-        target_boxes_all = torch.cat([t["boxes"] for t in labels]).to(pred_boxes.dtype)
+        prediction_row = ((layer_idx * batch + image_idx) * num_queries + query_idx).to(device)
+        target_row = (target_idx + offsets[image_idx]).to(device)
+        layer_idx = layer_idx.to(device)
 
         # Classification: every query has a target class, "no object" (= K) unless matched.
-        target_classes = torch.full((num_layers, batch, num_queries), self.num_labels, dtype=torch.long, device=device)
-        target_classes[layer_idx, image_idx, query_idx] = target_classes_all[target_idx]
+        target_classes = torch.full((num_layers * batch * num_queries,), self.num_labels, dtype=torch.long, device=device)
+        target_classes[prediction_row] = target_classes_all[target_row]
         weighted_nll = F.nll_loss(  # = cross_entropy(logits, ...), whose first step is this log_softmax
-            log_probs.reshape(-1, log_probs.shape[-1]), target_classes.flatten(), self.class_weight, reduction="none"
+            log_probs.reshape(-1, log_probs.shape[-1]), target_classes, self.class_weight, reduction="none"
         ).view(num_layers, -1)
         # Same value as cross_entropy(..., weight, reduction="mean") per layer: a weighted mean.
         loss_ce = weighted_nll.sum(1) / self.class_weight[target_classes].view(num_layers, -1).sum(1)
 
         # Boxes: L1 and GIoU on the matched pairs, summed per layer, over the number of target boxes.
         num_boxes = num_boxes_across_processes(labels, device)
-        matched_boxes = pred_boxes[layer_idx, image_idx, query_idx]
-        target_boxes = target_boxes_all[target_idx]
+        matched_boxes = pred_boxes.reshape(-1, 4).index_select(0, prediction_row)
+        target_boxes = target_boxes_all.index_select(0, target_row)
         l1 = (matched_boxes - target_boxes).abs().sum(-1)
         giou = 1 - elementwise_generalized_box_iou(cxcywh_to_xyxy(matched_boxes), cxcywh_to_xyxy(target_boxes))
         loss_bbox = l1.new_zeros(num_layers).index_add(0, layer_idx, l1) / num_boxes
@@ -131,8 +133,8 @@ class SetCriterion(nn.Module):
         loss = sum(self.weights[name] * term.sum() for name, term in per_layer.items())
         loss_dict = {}
         for name, term in per_layer.items():
-            loss_dict[name] = term[-1]
-            loss_dict.update({f"{name}_{i}": term[i] for i in range(num_layers - 1)})
+            *intermediate, loss_dict[name] = term.unbind()
+            loss_dict.update({f"{name}_{i}": value for i, value in enumerate(intermediate)})
         loss_dict["cardinality_error"] = self.cardinality_error(logits[-1], labels)
         return loss, loss_dict
 

@@ -13,7 +13,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .box_ops import generalized_box_iou_planes
+from .box_ops import center_planes, l1_and_generalized_box_iou_planes
 
 CPU_ENTRIES_PER_PASS = 1 << 16  # cost entries (layer x target x query) built together on CPU; see target_costs
 
@@ -108,7 +108,7 @@ class HungarianMatcher(Matcher):
         # Index of (target's image, query, target's class) in one layer's flattened [B, Q, K+1].
         queries = torch.arange(num_queries, device=logits.device)
         flat = (((image * num_queries)[:, None] + queries) * num_classes + target_ids[:, None]).flatten()  # [N * Q]
-        target = _with_corners(target_boxes.T[:, :, None])  # [8, N, 1]: cx, cy, w, h, x0, y0, x1, y1
+        target = center_planes(target_boxes)[:, None, :, None]  # [5, 1, N, 1]: cx, cy, w/2, h/2, area
         cost = torch.empty(num_layers, int(sizes.sum()), num_queries, device=logits.device)
         # On CPU, a few layers per pass, about 64k cost entries: enough for torch's intra-op threads
         # (grain 32k elements), while the temporaries stay at a few MB. All layers at once reached
@@ -131,13 +131,10 @@ class HungarianMatcher(Matcher):
         # p(target class) = exp(log_softmax) at [layer, target's image, query, target's class]: log_softmax
         # is the faster full pass on CPU, and the exp runs on the gathered [l, N, Q] only.
         class_cost = log_probs.reshape(num_layers, -1).index_select(1, flat).view(num_layers, -1, num_queries).exp_()
-        # Box coordinates as contiguous planes (cx, cy, w, h, then x0, y0, x1, y1): predictions
-        # [8, l, N, Q] (gathered per target), targets [8, 1, N, 1].
-        pred = pred_boxes.float().movedim(-1, 0).reshape(4 * num_layers, batch, num_queries).index_select(1, image)
-        pred = _with_corners(pred.view(4, num_layers, -1, num_queries))
-        target = target[:, None]
-        bbox_cost = (pred[:4] - target[:4]).abs_().sum(0)  # L1 over (cx, cy, w, h), [l, N, Q]
-        giou = generalized_box_iou_planes(pred[4:], target[4:])
+        # Boxes as contiguous planes (cx, cy, w/2, h/2, area): predictions [5, l, N, Q], gathered per
+        # target, against the targets' [5, 1, N, 1].
+        pred = center_planes(pred_boxes.float()).view(5 * num_layers, batch, num_queries).index_select(1, image)
+        bbox_cost, giou = l1_and_generalized_box_iou_planes(pred.view(5, num_layers, -1, num_queries), target)
         return bbox_cost.mul_(self.bbox_cost).sub_(class_cost.mul_(self.class_cost)).sub_(giou.mul_(self.giou_cost))
 
     @torch.no_grad()
@@ -161,17 +158,6 @@ class HungarianMatcher(Matcher):
         layer_idx, image_idx = (np.repeat(np.array([p[i] for p in problems]), counts) for i in (0, 1))
         order = np.lexsort((query_idx, layer_idx * batch + image_idx))
         return tuple(torch.from_numpy(a[order]) for a in (layer_idx, image_idx, query_idx, target_idx))
-
-
-def _with_corners(planes: torch.Tensor) -> torch.Tensor:
-    """cxcywh coordinate planes [4, ...] -> [8, ...]: the same followed by their xyxy planes
-    (x0 = cx - 0.5 * w, as `cxcywh_to_xyxy` computes it)."""
-    out = planes.new_empty((8, *planes.shape[1:]))
-    out[:4] = planes
-    half = 0.5 * planes[2:]
-    torch.sub(planes[:2], half, out=out[4:6])
-    torch.add(planes[:2], half, out=out[6:])
-    return out
 
 
 def _starts(sizes: list[int]) -> list[int]:

@@ -1,6 +1,14 @@
 import torch
 
-from hf_detr.box_ops import box_iou, cxcywh_to_xyxy, elementwise_generalized_box_iou, generalized_box_iou, xyxy_to_cxcywh
+from hf_detr.box_ops import (
+    box_iou,
+    center_planes,
+    cxcywh_to_xyxy,
+    elementwise_generalized_box_iou,
+    generalized_box_iou,
+    l1_and_generalized_box_iou_planes,
+    xyxy_to_cxcywh,
+)
 
 
 def random_xyxy(n, generator):
@@ -42,3 +50,15 @@ def test_batched_pairwise_equals_per_item(generator):
     for i in range(2):
         for j in range(3):
             torch.testing.assert_close(batched[i, j], generalized_box_iou(a[i, j], b[i]))
+
+
+def test_center_planes_give_the_corner_formulas(generator):
+    boxes1 = torch.cat([torch.rand(40, 2, generator=generator), torch.rand(40, 2, generator=generator) * 0.5 + 0.01], -1)
+    boxes2 = torch.cat([torch.rand(30, 2, generator=generator), torch.rand(30, 2, generator=generator) * 0.5 + 0.01], -1)
+    # Cases the random draw may miss: identical, nested, disjoint and edge-touching boxes.
+    special = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.1, 0.4], [0.1, 0.1, 0.1, 0.1], [0.6, 0.5, 0.2, 0.2]])
+    boxes1, boxes2 = torch.cat([boxes1, special]), torch.cat([boxes2, special])
+    l1, giou = l1_and_generalized_box_iou_planes(center_planes(boxes1)[:, :, None], center_planes(boxes2)[:, None, :])
+    torch.testing.assert_close(l1, (boxes1[:, None] - boxes2[None]).abs().sum(-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(giou, generalized_box_iou(cxcywh_to_xyxy(boxes1), cxcywh_to_xyxy(boxes2)), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(giou[-4:, -4:].diagonal(), torch.ones(4))
