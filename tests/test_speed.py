@@ -63,14 +63,14 @@ def test_linear_matches_nn_linear_in_forward_and_backward():
     from hf_detr.modeling_hf_detr import _ONEDNN_PRODUCTS, Linear
 
     torch.manual_seed(0)
-    reference, ours = torch.nn.Linear(256, 128), Linear(256, 128)  # 256 x 256 x 128 products: the oneDNN path
+    reference, ours = torch.nn.Linear(256, 128), Linear(256, 128)  # 512 x 256 x 128 products: the oneDNN path
     ours.load_state_dict(reference.state_dict())
-    x = torch.randn(2, 128, 256)
+    x = torch.randn(2, 256, 256)
     x_ours = x.clone().requires_grad_()
     x_reference = x.clone().requires_grad_()
     out = ours(x_ours)
     expected = reference(x_reference)
-    assert out.shape == (2, 128, 128)
+    assert out.shape == (2, 256, 128)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(out)
     out.backward(grad)
