@@ -8,6 +8,8 @@ for one layer. `log_probs`, when given, is `logits.log_softmax(-1)` in fp32, whi
 for its cross-entropy anyway; a matcher may use it or ignore it.
 """
 
+from itertools import accumulate
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -54,8 +56,9 @@ class HungarianMatcher(Matcher):
     + bbox_cost * L1(cxcywh) - giou_cost * GIoU(xyxy), solved per image with scipy's
     `linear_sum_assignment`. Queries left unmatched are trained towards "no object".
 
-    The costs of all layers, images and targets are built in one batched computation, target-major
-    (each target row against its own image's queries, no padding), and cross to the CPU in one transfer.
+    The costs of all layers, images and targets are built batched (on CPU a few layers per pass),
+    target-major (each target row against its own image's queries, no padding), and cross to the CPU in
+    one transfer.
     """
 
     def __init__(self, class_cost: float = 1.0, bbox_cost: float = 5.0, giou_cost: float = 2.0):
@@ -65,20 +68,6 @@ class HungarianMatcher(Matcher):
         if class_cost == bbox_cost == giou_cost == 0:
             raise ValueError("matcher costs cannot all be 0")
         self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
-
-    @torch.no_grad()
-    def cost_matrices(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]) -> torch.Tensor:
-        """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] (cxcywh, 0..1) -> cost [L, B, Q, T_max].
-
-        Column t of image b is its target t; columns past that image's target count are padding (0).
-        """
-        sizes = [target["class_labels"].shape[0] for target in labels]
-        num_layers, batch, num_queries = logits.shape[:3]
-        costs = self.target_costs(logits, pred_boxes, labels)  # [L, N, Q]
-        padded = costs.new_zeros(num_layers, batch, max(sizes, default=0), num_queries)
-        for b, (start, size) in enumerate(zip(_starts(sizes), sizes)):
-            padded[:, b, :size] = costs[:, start : start + size]
-        return padded.transpose(-1, -2)
 
     @torch.no_grad()
     def target_costs(
@@ -148,7 +137,8 @@ class HungarianMatcher(Matcher):
             return tuple(torch.empty(0, dtype=torch.long) for _ in range(4))
         # One host transfer, [L, N, Q], in the float64 scipy solves in (else it converts every problem).
         cost = self.target_costs(logits, pred_boxes, labels, log_probs).to("cpu", torch.float64).numpy()
-        problems = [(layer, image, start, size) for layer in range(num_layers) for image, (start, size) in enumerate(zip(_starts(sizes), sizes)) if size]
+        starts = list(accumulate(sizes, initial=0))  # each image's first row in the [L, N, Q] costs
+        problems = [(layer, image, starts[image], size) for layer in range(num_layers) for image, size in enumerate(sizes) if size]
         # Solving each [T, Q] problem is what scipy does anyway for Q > T (it transposes); ordering each
         # problem's pairs by query afterwards gives the pairs in the order of the [Q, T] solve.
         solved = [linear_sum_assignment(cost[layer, start : start + size]) for layer, _, start, size in problems]
@@ -158,15 +148,6 @@ class HungarianMatcher(Matcher):
         layer_idx, image_idx = (np.repeat(np.array([p[i] for p in problems]), counts) for i in (0, 1))
         order = np.lexsort((query_idx, layer_idx * batch + image_idx))
         return tuple(torch.from_numpy(a[order]) for a in (layer_idx, image_idx, query_idx, target_idx))
-
-
-def _starts(sizes: list[int]) -> list[int]:
-    """Offsets of each image's first target in the batch's concatenated targets."""
-    starts, total = [], 0
-    for size in sizes:
-        starts.append(total)
-        total += size
-    return starts
 
 
 MATCHERS = {"hungarian": HungarianMatcher}
