@@ -66,11 +66,6 @@ def generalized_box_iou_planes(boxes1: torch.Tensor, boxes2: torch.Tensor) -> to
     return iou.sub_((hull - union).div_(hull))
 
 
-def elementwise_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """GIoU of boxes that broadcast against each other (e.g. matched pairs [N, 4] and [N, 4] -> [N])."""
-    return generalized_box_iou_planes(boxes1.movedim(-1, 0), boxes2.movedim(-1, 0))
-
-
 def center_planes(boxes: torch.Tensor) -> torch.Tensor:
     """[..., 4] cxcywh -> [5, ...] planes (cx, cy, w / 2, h / 2, w * h), what `l1_and_generalized_box_iou_planes` takes."""
     cx, cy, w, h = boxes.unbind(-1)
@@ -85,7 +80,7 @@ def l1_and_generalized_box_iou_planes(planes1: torch.Tensor, planes2: torch.Tens
     (clamped at 0) and the enclosing box spans u + v + max(d, |u - v|): the lengths the corners give
     (x0 = c - u, x1 = c + u), in fewer passes, and d and |u - v| are the L1 terms too (|w1 - w2| = 2 |u - v|)."""
     diff = (planes1[:4] - planes2[:4]).abs_()  # d_x, d_y, |u_x - v_x|, |u_y - v_y|
-    l1 = diff[:2].sum(0).add_(diff[2:].sum(0), alpha=2)
+    l1 = (diff[0] + diff[1]).add_(diff[2] + diff[3], alpha=2)
     reach = torch.maximum(diff[:2], diff[2:])
     half_sums = planes1[2:4] + planes2[2:4]
     overlap = (half_sums - reach).clamp_(min=0)

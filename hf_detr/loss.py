@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import cxcywh_to_xyxy, elementwise_generalized_box_iou
+from .box_ops import center_planes, l1_and_generalized_box_iou_planes
 
 
 def check_labels(labels: list[dict], num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,12 +29,18 @@ def check_labels(labels: list[dict], num_labels: int) -> tuple[torch.Tensor, tor
             )
     if not labels:
         return torch.empty(0, dtype=torch.long), torch.empty(0, 4)
-    # One check over the whole batch (a handful of tensor ops, one host sync); only a failure pays for
-    # the search of the first bad annotation.
     classes, boxes = torch.cat([t["class_labels"] for t in labels]), torch.cat([t["boxes"] for t in labels])
-    bad = _bad_boxes(boxes) | (classes < 0) | (classes >= num_labels)
-    if not bad.any():
+    if classes.shape[0] == 0:
         return classes, boxes
+    # One check over the whole batch from per-coordinate extremes (a few tensor ops, one host sync; NaN
+    # propagates through amin/amax and fails every comparison); only a failure pays for the search of
+    # the first bad annotation.
+    lowest, highest = boxes.amin(0), boxes.amax(0)
+    low_class, high_class = classes.aminmax()
+    good = torch.cat((lowest[:2] >= 0, lowest[2:] > 0, highest <= 1, torch.stack((low_class >= 0, high_class < num_labels))))
+    if good.all():
+        return classes, boxes
+    bad = _bad_boxes(boxes) | (classes < 0) | (classes >= num_labels)
     position = int(bad.nonzero()[0])
     sizes = torch.tensor([t["class_labels"].shape[0] for t in labels]).cumsum(0)
     image_index = int((sizes <= position).sum())
@@ -122,19 +128,15 @@ class SetCriterion(nn.Module):
 
         # Boxes: L1 and GIoU on the matched pairs, summed per layer, over the number of target boxes.
         num_boxes = num_boxes_across_processes(labels, device)
-        matched_boxes = pred_boxes.reshape(-1, 4).index_select(0, prediction_row)
-        target_boxes = target_boxes_all.index_select(0, target_row)
-        l1 = (matched_boxes - target_boxes).abs().sum(-1)
-        giou = 1 - elementwise_generalized_box_iou(cxcywh_to_xyxy(matched_boxes), cxcywh_to_xyxy(target_boxes))
-        loss_bbox = l1.new_zeros(num_layers).index_add(0, layer_idx, l1) / num_boxes
-        loss_giou = giou.new_zeros(num_layers).index_add(0, layer_idx, giou) / num_boxes
+        matched_boxes = center_planes(pred_boxes.reshape(-1, 4).index_select(0, prediction_row))  # [5, M]
+        l1, giou = l1_and_generalized_box_iou_planes(matched_boxes, center_planes(target_boxes_all).index_select(1, target_row))
+        per_pair = torch.stack((l1, 1 - giou))  # [2, M]
+        box_terms = per_pair.new_zeros(2, num_layers).index_add(1, layer_idx, per_pair).div(num_boxes)
 
-        per_layer = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
-        loss = sum(self.weights[name] * term.sum() for name, term in per_layer.items())
-        loss_dict = {}
-        for name, term in per_layer.items():
-            *intermediate, loss_dict[name] = term.unbind()
-            loss_dict.update({f"{name}_{i}": value for i, value in enumerate(intermediate)})
+        per_layer = torch.cat((loss_ce[None], box_terms))  # [3, L]: loss_ce, loss_bbox, loss_giou
+        loss = (per_layer.sum(1) * per_layer.new_tensor(list(self.weights.values()))).sum()
+        keys = [name if i == num_layers - 1 else f"{name}_{i}" for name in self.weights for i in range(num_layers)]
+        loss_dict = dict(zip(keys, per_layer.flatten().unbind()))
         loss_dict["cardinality_error"] = self.cardinality_error(logits[-1], labels)
         return loss, loss_dict
 

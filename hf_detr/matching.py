@@ -77,12 +77,14 @@ class HungarianMatcher(Matcher):
         labels: list[dict],
         log_probs: torch.Tensor | None = None,
         layers_per_pass: int | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] -> cost [L, N, Q] of the batch's N targets
         (image by image, in label order), each against the queries of its own image. log_probs: the
         fp32 `logits.log_softmax(-1)` if the caller has it (saves a pass over the logits).
         layers_per_pass: how many layers' costs are built together (default: about
         `CPU_ENTRIES_PER_PASS` entries on CPU, all layers on GPU; the result is the same).
+        dtype: of the returned costs, which are computed in fp32 (float64 saves the solver a conversion pass).
 
         Target-major, so that every pairwise op broadcasts a per-target scalar along the contiguous
         query axis: on CPU several times faster than a [..., Q, T] layout whose innermost axis is the
@@ -95,10 +97,10 @@ class HungarianMatcher(Matcher):
         if log_probs is None:
             log_probs = logits.float().log_softmax(-1)  # costs in fp32 whatever the model ran in
         # Index of (target's image, query, target's class) in one layer's flattened [B, Q, K+1].
-        queries = torch.arange(num_queries, device=logits.device)
-        flat = (((image * num_queries)[:, None] + queries) * num_classes + target_ids[:, None]).flatten()  # [N * Q]
+        query_offsets = torch.arange(0, num_queries * num_classes, num_classes, device=logits.device)
+        flat = ((image * (num_queries * num_classes) + target_ids)[:, None] + query_offsets).flatten()  # [N * Q]
         target = center_planes(target_boxes)[:, None, :, None]  # [5, 1, N, 1]: cx, cy, w/2, h/2, area
-        cost = torch.empty(num_layers, int(sizes.sum()), num_queries, device=logits.device)
+        cost = torch.empty(num_layers, int(sizes.sum()), num_queries, device=logits.device, dtype=dtype)
         # On CPU, a few layers per pass, about 64k cost entries: enough for torch's intra-op threads
         # (grain 32k elements), while the temporaries stay at a few MB. All layers at once reached
         # ~8 MB for 6 layers x 32 images x 100 queries, which glibc can hand back to the kernel after
@@ -110,9 +112,7 @@ class HungarianMatcher(Matcher):
         for start in range(0, num_layers, layers_per_pass):
             layers = slice(start, start + layers_per_pass)
             cost[layers] = self._layer_costs(log_probs[layers].detach(), pred_boxes[layers], image, flat, target)
-        # A diverged prediction (NaN/inf box) must not crash the solver: make it the costliest choice.
-        max_value = torch.finfo(cost.dtype).max
-        return cost.nan_to_num_(nan=max_value, posinf=max_value, neginf=max_value)
+        return cost
 
     def _layer_costs(self, log_probs, pred_boxes, image, flat, target) -> torch.Tensor:
         """log_probs [l, B, Q, K+1], pred_boxes [l, B, Q, 4] of a few layers -> cost [l, N, Q]."""
@@ -124,7 +124,10 @@ class HungarianMatcher(Matcher):
         # target, against the targets' [5, 1, N, 1].
         pred = center_planes(pred_boxes.float()).view(5 * num_layers, batch, num_queries).index_select(1, image)
         bbox_cost, giou = l1_and_generalized_box_iou_planes(pred.view(5, num_layers, -1, num_queries), target)
-        return bbox_cost.mul_(self.bbox_cost).sub_(class_cost.mul_(self.class_cost)).sub_(giou.mul_(self.giou_cost))
+        cost = bbox_cost.mul_(self.bbox_cost).sub_(class_cost.mul_(self.class_cost)).sub_(giou.mul_(self.giou_cost))
+        # A diverged prediction (NaN/inf box) must not crash the solver: make it the costliest choice.
+        max_value = torch.finfo(cost.dtype).max
+        return cost.nan_to_num_(nan=max_value, posinf=max_value, neginf=max_value)
 
     @torch.no_grad()
     def match_pairs(
@@ -135,8 +138,11 @@ class HungarianMatcher(Matcher):
         num_layers, batch = logits.shape[:2]
         if max(sizes, default=0) == 0:
             return tuple(torch.empty(0, dtype=torch.long) for _ in range(4))
-        # One host transfer, [L, N, Q], in the float64 scipy solves in (else it converts every problem).
-        cost = self.target_costs(logits, pred_boxes, labels, log_probs).to("cpu", torch.float64).numpy()
+        # One host transfer, [L, N, Q], in the float64 scipy solves in (else it converts every problem);
+        # on CPU the costs are written in float64 directly, pass by pass.
+        on_cpu = logits.device.type == "cpu"
+        cost = self.target_costs(logits, pred_boxes, labels, log_probs, dtype=torch.float64 if on_cpu else torch.float32)
+        cost = cost.to("cpu", torch.float64).numpy()
         starts = list(accumulate(sizes, initial=0))  # each image's first row in the [L, N, Q] costs
         problems = [(layer, image, starts[image], size) for layer in range(num_layers) for image, size in enumerate(sizes) if size]
         # Solving each [T, Q] problem is what scipy does anyway for Q > T (it transposes); ordering each
@@ -146,7 +152,8 @@ class HungarianMatcher(Matcher):
         query_idx = np.concatenate([query_idx for _, query_idx in solved])
         target_idx = np.concatenate([target_idx for target_idx, _ in solved])
         layer_idx, image_idx = (np.repeat(np.array([p[i] for p in problems]), counts) for i in (0, 1))
-        order = np.lexsort((query_idx, layer_idx * batch + image_idx))
+        # Problems come in (layer, image) order, so one sort by (layer, image, query), as a single key, orders all pairs.
+        order = np.argsort((layer_idx * batch + image_idx) * logits.shape[2] + query_idx)
         return tuple(torch.from_numpy(a[order]) for a in (layer_idx, image_idx, query_idx, target_idx))
 
 

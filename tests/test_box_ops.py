@@ -4,7 +4,6 @@ from hf_detr.box_ops import (
     box_iou,
     center_planes,
     cxcywh_to_xyxy,
-    elementwise_generalized_box_iou,
     generalized_box_iou,
     l1_and_generalized_box_iou_planes,
     xyxy_to_cxcywh,
@@ -39,9 +38,20 @@ def test_giou_bounds_and_symmetry(generator):
     torch.testing.assert_close(torch.diagonal(generalized_box_iou(a, a)), torch.ones(20))
 
 
-def test_elementwise_equals_diagonal_of_pairwise(generator):
-    a, b = random_xyxy(15, generator), random_xyxy(15, generator)
-    torch.testing.assert_close(elementwise_generalized_box_iou(a, b), torch.diagonal(generalized_box_iou(a, b)))
+def test_matched_pairs_from_center_planes_give_corner_values_and_gradients(generator):
+    """The loss's use: L1 and GIoU of matched [M] pairs from [5, M] planes, values and gradients (which go
+    through the in-place ops) equal to the corner formulas'."""
+    a = (torch.rand(15, 4, generator=generator, dtype=torch.float64) * 0.5 + 0.25).requires_grad_()
+    b = torch.rand(15, 4, generator=generator, dtype=torch.float64) * 0.5 + 0.25
+    l1, giou = l1_and_generalized_box_iou_planes(center_planes(a), center_planes(b))
+    (grad,) = torch.autograd.grad((l1 + 3 * giou).sum(), a)
+    expected_l1 = (a - b).abs().sum(-1)
+    expected_giou = torch.diagonal(generalized_box_iou(cxcywh_to_xyxy(a), cxcywh_to_xyxy(b)))
+    (expected_grad,) = torch.autograd.grad((expected_l1 + 3 * expected_giou).sum(), a)
+    torch.testing.assert_close(l1, expected_l1)
+    torch.testing.assert_close(giou, expected_giou)
+    torch.testing.assert_close(grad, expected_grad)
+    assert torch.autograd.gradcheck(lambda x: l1_and_generalized_box_iou_planes(center_planes(x), center_planes(b)), (a,))
 
 
 def test_batched_pairwise_equals_per_item(generator):
