@@ -101,30 +101,31 @@ class HungarianMatcher(Matcher):
         flat = ((image * (num_queries * num_classes) + target_ids)[:, None] + query_offsets).flatten()  # [N * Q]
         target = center_planes(target_boxes)[:, None, :, None]  # [5, 1, N, 1]: cx, cy, w/2, h/2, area
         cost = torch.empty(num_layers, int(sizes.sum()), num_queries, device=logits.device, dtype=dtype)
-        # On CPU, a few layers per pass, about 64k cost entries: enough for torch's intra-op threads
-        # (grain 32k elements), while the temporaries stay at a few MB. All layers at once reached
+        # The inputs are gathered for all layers at once; the pairwise L1/GIoU arithmetic (a dozen
+        # temporaries) runs, on CPU, a few layers per pass, about 64k cost entries: enough for torch's
+        # intra-op threads (grain 32k elements), while the temporaries stay small. All layers at once reached
         # ~8 MB for 6 layers x 32 images x 100 queries, which glibc can hand back to the kernel after
         # each call and re-fault on the next (the whole loss then took 7.5 ms instead of 3.0 ms). On
         # GPU the caching allocator has no such cost, and one pass launches the fewest kernels.
         if layers_per_pass is None:
             per_layer = cost[0].numel()
             layers_per_pass = max(1, CPU_ENTRIES_PER_PASS // max(per_layer, 1)) if logits.device.type == "cpu" else num_layers
-        for start in range(0, num_layers, layers_per_pass):
-            layers = slice(start, start + layers_per_pass)
-            cost[layers] = self._layer_costs(log_probs[layers].detach(), pred_boxes[layers], image, flat, target)
-        return cost
-
-    def _layer_costs(self, log_probs, pred_boxes, image, flat, target) -> torch.Tensor:
-        """log_probs [l, B, Q, K+1], pred_boxes [l, B, Q, 4] of a few layers -> cost [l, N, Q]."""
-        num_layers, batch, num_queries = pred_boxes.shape[:3]
         # p(target class) = exp(log_softmax) at [layer, target's image, query, target's class]: log_softmax
-        # is the faster full pass on CPU, and the exp runs on the gathered [l, N, Q] only.
-        class_cost = log_probs.reshape(num_layers, -1).index_select(1, flat).view(num_layers, -1, num_queries).exp_()
-        # Boxes as contiguous planes (cx, cy, w/2, h/2, area): predictions [5, l, N, Q], gathered per
+        # is the faster full pass on CPU, and the exp runs on the gathered [L, N, Q] only.
+        class_prob = log_probs.detach().reshape(num_layers, -1).index_select(1, flat).view(cost.shape).exp_()
+        # Boxes as contiguous planes (cx, cy, w/2, h/2, area): predictions [5, L, N, Q], gathered per
         # target, against the targets' [5, 1, N, 1].
         pred = center_planes(pred_boxes.float()).view(5 * num_layers, batch, num_queries).index_select(1, image)
-        bbox_cost, giou = l1_and_generalized_box_iou_planes(pred.view(5, num_layers, -1, num_queries), target)
-        cost = bbox_cost.mul_(self.bbox_cost).sub_(class_cost.mul_(self.class_cost)).sub_(giou.mul_(self.giou_cost))
+        pred = pred.view(5, *cost.shape)
+        for start in range(0, num_layers, layers_per_pass):
+            layers = slice(start, start + layers_per_pass)
+            cost[layers] = self._layer_costs(class_prob[layers], pred[:, layers], target)
+        return cost
+
+    def _layer_costs(self, class_prob, pred, target) -> torch.Tensor:
+        """class_prob [l, N, Q] and pred planes [5, l, N, Q] of a few layers, target planes [5, 1, N, 1] -> cost [l, N, Q]."""
+        bbox_cost, giou = l1_and_generalized_box_iou_planes(pred, target)
+        cost = bbox_cost.mul_(self.bbox_cost).sub_(class_prob.mul(self.class_cost)).sub_(giou.mul_(self.giou_cost))
         # A diverged prediction (NaN/inf box) must not crash the solver: make it the costliest choice.
         max_value = torch.finfo(cost.dtype).max
         return cost.nan_to_num_(nan=max_value, posinf=max_value, neginf=max_value)
