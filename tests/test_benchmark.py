@@ -15,7 +15,7 @@ def test_quick_run_prints_every_row():
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "hf_detr vs transformers DETR" in out and "| row" in out
-    for row in ("inference, batch 1", "inference, batch 4", "training step", "backbone frozen", "matching + loss",
+    for row in ("inference, batch 1", "inference, batch 4", "training step", "backbone frozen", "no page faults", "matching + loss",
                 "data path", "peak memory", "bf16 autocast", "SDPA backend: math", "torch.compile"):  # fmt: skip
         assert row in out, row
     assert "machine:" in out and "torch " in out and "transformers " in out
