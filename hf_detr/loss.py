@@ -90,10 +90,22 @@ class SetCriterion(nn.Module):
         super().__init__()
         self.matcher = matcher
         self.num_labels = num_labels
+        self.eos_coefficient = eos_coefficient
         self.weights = {"loss_ce": ce_coefficient, "loss_bbox": bbox_coefficient, "loss_giou": giou_coefficient}
-        class_weight = torch.ones(num_labels + 1)
-        class_weight[-1] = eos_coefficient
-        self.register_buffer("class_weight", class_weight, persistent=False)
+        # Derived from the numbers above, kept on the model's device (a per-step host-to-device copy would
+        # wait for the GPU) and out of the state dict: the cross-entropy weight of each class, and the weights
+        # of the three terms.
+        self.register_buffer("class_weight", torch.empty(num_labels + 1), persistent=False)
+        self.register_buffer("term_weights", torch.empty(3), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """(Re)compute the derived buffers. from_pretrained builds models on the meta device and leaves
+        buffers that are not in the checkpoint uninitialised, so the model's `_init_weights` calls this."""
+        self.class_weight.fill_(1.0)
+        self.class_weight[-1] = self.eos_coefficient
+        self.term_weights.copy_(torch.tensor(list(self.weights.values())))
 
     def forward(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]):
         """logits [L, B, Q, K+1] and pred_boxes [L, B, Q, 4] (cxcywh, 0..1) of every decoder layer, the
@@ -134,7 +146,7 @@ class SetCriterion(nn.Module):
         box_terms = per_pair.new_zeros(2, num_layers).index_add(1, layer_idx, per_pair).div(num_boxes)
 
         per_layer = torch.cat((loss_ce[None], box_terms))  # [3, L]: loss_ce, loss_bbox, loss_giou
-        loss = (per_layer.sum(1) * per_layer.new_tensor(list(self.weights.values()))).sum()
+        loss = (per_layer.sum(1) * self.term_weights).sum()
         keys = [name if i == num_layers - 1 else f"{name}_{i}" for name in self.weights for i in range(num_layers)]
         loss_dict = dict(zip(keys, per_layer.flatten().unbind()))
         loss_dict["cardinality_error"] = self.cardinality_error(logits[-1], labels)

@@ -467,6 +467,8 @@ class HfDetrPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight)
+        elif isinstance(module, SetCriterion):
+            module.reset_buffers()
 
 
 def _attention_mask(mask: torch.Tensor) -> torch.Tensor | None:

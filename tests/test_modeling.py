@@ -117,11 +117,19 @@ def test_frozen_backbone_option(inputs):
     assert not any(p.requires_grad for p in model.model.backbone.parameters())
 
 
-def test_save_load_round_trip(checkpoint, model, inputs):
+def test_save_load_round_trip(checkpoint, model, inputs, generator):
     loaded = hf_detr.HfDetrForObjectDetection.from_pretrained(checkpoint).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
     assert loaded.config.id2label[1] == "square"
+    # The loss too: its class and term weights are buffers outside the state dict, which from_pretrained
+    # (meta-device init) would leave uninitialised unless the model's init recomputes them.
+    labels = random_labels([3, 1], model.config.num_labels, generator)
+    for reloaded in (loaded, AutoModelForObjectDetection.from_pretrained(checkpoint).eval()):
+        torch.testing.assert_close(reloaded.criterion.class_weight, model.criterion.class_weight, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded.criterion.term_weights, torch.tensor([1.0, 5.0, 2.0]), rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(**inputs, labels=labels).loss, model(**inputs, labels=labels).loss)
 
 
 def test_auto_classes_after_import(checkpoint, model, inputs):
@@ -147,9 +155,11 @@ def test_checkpoint_carries_remote_code(checkpoint):
 
 
 def test_remote_code_loads_where_hf_detr_cannot_be_imported(checkpoint, model, inputs, tmp_path_factory):
-    torch.save(inputs, checkpoint.parent / "inputs.pt")
+    labels = random_labels([2, 1], model.config.num_labels, torch.Generator().manual_seed(5))
+    torch.save({**inputs, "labels": labels}, checkpoint.parent / "inputs.pt")
     with torch.no_grad():
-        torch.save(model(**inputs).logits, checkpoint.parent / "expected.pt")
+        output = model(**inputs, labels=labels)
+        torch.save({"logits": output.logits, "loss": output.loss}, checkpoint.parent / "expected.pt")
     script = textwrap.dedent(
         f"""
         import sys
@@ -170,8 +180,10 @@ def test_remote_code_loads_where_hf_detr_cannot_be_imported(checkpoint, model, i
         assert type(base).__name__ == "HfDetrModel", type(base)
         inputs = torch.load({str(checkpoint.parent / "inputs.pt")!r})
         with torch.no_grad():
-            logits = detector(**inputs).logits
-        torch.testing.assert_close(logits, torch.load({str(checkpoint.parent / "expected.pt")!r}))
+            output = detector(**inputs)
+        expected = torch.load({str(checkpoint.parent / "expected.pt")!r})
+        torch.testing.assert_close(output.logits, expected["logits"])
+        torch.testing.assert_close(output.loss, expected["loss"])
         print("remote-ok", type(detector).__module__)
         """
     )
