@@ -456,7 +456,12 @@ class HfDetrPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # DETR's init: xavier-uniform transformer weights; the backbone keeps its own init (or weights).
+        # DETR's init: xavier-uniform transformer weights, torch's default for the heads and the input
+        # projection; the backbone keeps its own init (or weights). transformers calls this for the modules
+        # whose weights a checkpoint lacks (e.g. a class head resized by `ignore_mismatched_sizes`), and
+        # its guard keeps torch's init functions from touching loaded ones.
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            module.reset_parameters()  # the attention and FFN layers get xavier below, from their parent
         if isinstance(module, HfDetrAttention | HfDetrMLP):
             for linear in module.children():
                 if isinstance(linear, nn.Linear):

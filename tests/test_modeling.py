@@ -132,6 +132,22 @@ def test_save_load_round_trip(checkpoint, model, inputs, generator):
             torch.testing.assert_close(reloaded(**inputs, labels=labels).loss, model(**inputs, labels=labels).loss)
 
 
+def test_resized_class_head_is_initialised_and_the_rest_loaded(checkpoint, model):
+    """Fine-tuning on other classes (`ignore_mismatched_sizes`, as train.py --model_name_or_path does): the
+    new class head gets torch's default init, not uninitialised memory; every other weight is the checkpoint's."""
+    resized = hf_detr.HfDetrForObjectDetection.from_pretrained(checkpoint, num_labels=7, ignore_mismatched_sizes=True)
+    head = resized.class_labels_classifier
+    assert head.weight.shape == (8, model.config.d_model)
+    bound = 1 / model.config.d_model**0.5  # nn.Linear's default: uniform(-1/sqrt(in), 1/sqrt(in))
+    assert head.weight.abs().max() <= bound and head.bias.abs().max() <= bound
+    assert head.weight.std() > bound / 4
+    original = model.state_dict()
+    for name, value in resized.state_dict().items():
+        if not name.startswith("class_labels_classifier."):
+            torch.testing.assert_close(value, original[name], rtol=0, atol=0, msg=name)
+    assert resized.criterion.class_weight.tolist() == pytest.approx([1.0] * 7 + [0.1])
+
+
 def test_auto_classes_after_import(checkpoint, model, inputs):
     assert isinstance(AutoConfig.from_pretrained(checkpoint), hf_detr.HfDetrConfig)
     detector = AutoModelForObjectDetection.from_pretrained(checkpoint).eval()
