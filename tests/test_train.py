@@ -1,6 +1,7 @@
 """scripts/train.py end to end under `accelerate launch`, a few steps on tiny data."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -45,7 +46,10 @@ def check_output_dir(output_dir, steps):
     for key in ("map", "map_50", "map_75", "map_small", "mar_100"):
         assert isinstance(results[key], float), key
     assert results["train_steps"] == steps
-    assert set(read_log(output_dir)) == set(range(1, steps + 1))
+    log = read_log(output_dir)
+    assert set(log) == set(range(1, steps + 1))
+    # finite at every step (runs from --model_name_or_path start from resized, freshly initialised heads)
+    assert all(math.isfinite(line["loss"]) for line in log.values()), [line["loss"] for line in log.values()]
     card = (output_dir / "README.md").read_text()
     assert "object-detection" in card and "pipeline(" in card and f"{results['map']:.4f}"[:4] in card
     model = hf_detr.HfDetrForObjectDetection.from_pretrained(output_dir)
