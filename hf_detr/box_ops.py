@@ -55,14 +55,7 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
 
 def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Pairwise GIoU (https://giou.stanford.edu): boxes1 [..., N, 4], boxes2 [..., M, 4] (xyxy) -> [..., N, M]."""
-    return generalized_box_iou_planes(*_pairwise_planes(boxes1, boxes2))
-
-
-def generalized_box_iou_planes(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """GIoU of xyxy boxes held coordinate-first, [4, ...], whose trailing dimensions broadcast against
-    each other (e.g. per-target [4, N, 1] against per-query [4, L, N, Q] -> [L, N, Q]), for callers
-    that hold coordinate planes already."""
-    iou, union, hull = _iou_union_enclosing(boxes1, boxes2)
+    iou, union, hull = _iou_union_enclosing(*_pairwise_planes(boxes1, boxes2))
     return iou.sub_((hull - union).div_(hull))
 
 
