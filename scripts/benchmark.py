@@ -3,6 +3,7 @@
     python scripts/benchmark.py                    # the full table (DETR-R50; several minutes on 2 CPU cores)
     python scripts/benchmark.py --quick            # tiny sizes: checks that every row runs (seconds)
     python scripts/benchmark.py --rows infer1,train --repeats 5
+    python scripts/benchmark.py --device cuda      # the same table on a GPU, plus the training-throughput table
 
 Method. One process builds a transformers DETR-R50 (`DetrConfig(use_timm_backbone=False)` with an
 AutoBackbone ResNet-50, 91 classes, auxiliary loss, default dropout) with random but fixed weights,
@@ -12,7 +13,10 @@ runs transformers (A) and hf_detr (B) on the same inputs, interleaved A, B, A, B
 pairs; the speed-up is the median over pairs of time(A) / time(B), so a slow moment of the machine
 hits both sides of a pair. Times shown are the medians of each side. Peak memory is measured in fresh
 subprocesses instead (see `memory_worker`). The optional-modes table compares hf_detr with itself
-(fp32 eager) the same way and gives each mode's largest output difference from fp32.
+(fp32 eager) the same way and gives each mode's largest output difference from fp32. The throughput
+table (`--rows throughput`, a default row on a GPU) times full training steps, batch 8 at 800x1333, of
+transformers at fp32 and at bf16 autocast against hf_detr at bf16 autocast (and fp32), with each side's
+peak GPU memory.
 """
 
 import argparse
@@ -31,8 +35,14 @@ from pathlib import Path
 
 import torch
 
-ROWS = ("infer1", "infer4", "train", "loss", "data", "memory", "modes")
+ROWS = ("infer1", "infer4", "train", "loss", "data", "memory", "modes", "throughput")
+# Run by default: on CPU the throughput row (batch 8 at 800x1333) would take many minutes and ~20 GB.
+DEFAULT_ROWS = {"cpu": ROWS[:-1], "cuda": ROWS}
 TARGETS = {"infer1": 1.3, "infer4": 1.3, "train": 1.5, "loss": 10.0, "data": 2.0}
+THROUGHPUT_TARGETS = {"speed-up": 2.0, "images/s": 70.0}  # issue 4, on one H100: >= 2x transformers, >= 70 img/s
+
+# Where the models and inputs live; set once by main() from --device. The data row runs on CPU either way.
+DEVICE = torch.device("cpu")
 
 
 @dataclass
@@ -49,8 +59,10 @@ class Sizes:
     data_image_size: int = 640  # square synthetic COCO photos, resized to 800 by both pipelines
     data_batch: int = 4
     data_size: tuple[int, int] = (800, 1333)  # shortest edge, longest edge cap
-    repeats: dict = field(default_factory=lambda: {"infer1": 7, "infer4": 4, "train": 8, "loss": 30, "data": 10, "modes": 5})
-    warmup: dict = field(default_factory=lambda: {"infer1": 1, "infer4": 1, "train": 2, "loss": 3, "data": 1, "modes": 1})
+    throughput_size: tuple[int, int] = (800, 1333)  # every image of the batch at this size, no padding
+    throughput_batch: int = 8
+    repeats: dict = field(default_factory=lambda: {"infer1": 7, "infer4": 4, "train": 8, "loss": 30, "data": 10, "modes": 5, "throughput": 10})
+    warmup: dict = field(default_factory=lambda: {"infer1": 1, "infer4": 1, "train": 2, "loss": 3, "data": 1, "modes": 1, "throughput": 3})
     quick: bool = False
 
 
@@ -65,8 +77,10 @@ QUICK = Sizes(
     data_image_size=64,
     data_batch=2,
     data_size=(64, 96),
-    repeats={"infer1": 2, "infer4": 2, "train": 2, "loss": 2, "data": 2, "modes": 2},
-    warmup={"infer1": 1, "infer4": 1, "train": 1, "loss": 1, "data": 1, "modes": 1},
+    throughput_size=(64, 96),
+    throughput_batch=2,
+    repeats={"infer1": 2, "infer4": 2, "train": 2, "loss": 2, "data": 2, "modes": 2, "throughput": 2},
+    warmup={"infer1": 1, "infer4": 1, "train": 1, "loss": 1, "data": 1, "modes": 1, "throughput": 1},
     quick=True,
 )
 
@@ -106,7 +120,7 @@ def build_models(quick: bool):
             elif kind == "running_var" or kind == "weight":
                 buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
     ours = hf_detr.convert_transformers_detr(reference)
-    return reference.eval(), ours.eval()
+    return reference.to(DEVICE).eval(), ours.to(DEVICE).eval()
 
 
 def padded_batch(real_sizes, canvas, batch, generator):
@@ -118,7 +132,7 @@ def padded_batch(real_sizes, canvas, batch, generator):
         h, w = real_sizes[i % len(real_sizes)]
         pixel_values[i, :, :h, :w] = torch.randn(3, h, w, generator=generator)
         pixel_mask[i, :h, :w] = 1
-    return pixel_values, pixel_mask
+    return pixel_values.to(DEVICE), pixel_mask.to(DEVICE)
 
 
 def random_labels(counts, num_labels, generator):
@@ -126,26 +140,37 @@ def random_labels(counts, num_labels, generator):
     for n in counts:
         centers = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
         sizes = torch.rand(n, 2, generator=generator) * 0.3 + 0.05
-        labels.append({"class_labels": torch.randint(0, num_labels, (n,), generator=generator), "boxes": torch.cat([centers, sizes], -1)})
+        classes = torch.randint(0, num_labels, (n,), generator=generator)
+        labels.append({"class_labels": classes.to(DEVICE), "boxes": torch.cat([centers, sizes], -1).to(DEVICE)})
     return labels
 
 
 # --------------------------------------------------------------------------------------------- timing
 
 
+def synchronize():
+    """Wait for the GPU's queued work, so that a call's time includes it (nothing to wait for on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def interleaved(first, second, repeats: int, warmup: int):
     """Run first, second, first, second ...; return the two lists of seconds after `warmup` pairs."""
-    times_first, times_second = [], []
+    return interleaved_rounds([first, second], repeats, warmup)
+
+
+def interleaved_rounds(functions, repeats: int, warmup: int) -> list[list[float]]:
+    """Run every function in turn, `warmup + repeats` rounds; per function, its seconds after the warm-up rounds."""
+    times = [[] for _ in functions]
+    synchronize()
     for i in range(warmup + repeats):
-        start = time.perf_counter()
-        first()
-        middle = time.perf_counter()
-        second()
-        end = time.perf_counter()
-        if i >= warmup:
-            times_first.append(middle - start)
-            times_second.append(end - middle)
-    return times_first, times_second
+        for function, seconds in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            synchronize()
+            if i >= warmup:
+                seconds.append(time.perf_counter() - start)
+    return times
 
 
 def summary(times_ref, times_ours):
@@ -225,20 +250,28 @@ def training_step(model, pixel_values, pixel_mask, labels):
     return loss.detach()
 
 
+def copy_backbone_trainability(source, target):
+    """Give `target`'s backbone parameters the requires_grad flags of `source`'s (same names: hf_detr's
+    keys are transformers'); -> how many backbone tensors now train."""
+    flags = {name: p.requires_grad for name, p in source.named_parameters() if ".backbone." in name}
+    for name, parameter in target.named_parameters():
+        if ".backbone." in name:
+            parameter.requires_grad_(flags[name])
+    return sum(flags.values())
+
+
 def row_training(reference, ours, sizes: Sizes, backbone: str) -> Row:
     """backbone "detr": both train DETR's set (all but the ResNet stem and first stage). transformers
     5.x would train none of its AutoBackbone: its rule keeps parameters named "stage.1" .. "stage.3"
     trainable, but the names read "stages.1" ..; it is given our flags, so both sides do the same work.
     backbone "frozen": both keep the whole backbone frozen (transformers' actual default)."""
     pixel_values, pixel_mask, labels = training_inputs(sizes, ours.config.num_labels)
-    ours_params = dict(ours.named_parameters())
     saved = {name: p.requires_grad for model in (reference, ours) for name, p in model.named_parameters() if ".backbone." in name}
-    for name, parameter in reference.named_parameters():
-        if ".backbone." in name:
-            parameter.requires_grad_(backbone == "detr" and ours_params[name].requires_grad)
-    for name, parameter in ours_params.items():
-        if ".backbone." in name and backbone == "frozen":
-            parameter.requires_grad_(False)
+    if backbone == "frozen":
+        for name, parameter in ours.named_parameters():
+            if ".backbone." in name:
+                parameter.requires_grad_(False)
+    copy_backbone_trainability(ours, reference)
     trainable = [sum(p.requires_grad for n, p in m.named_parameters() if ".backbone." in n) for m in (reference, ours)]
     assert trainable[0] == trainable[1], trainable
     reference.train()
@@ -272,8 +305,8 @@ def row_loss(reference, ours, sizes: Sizes) -> Row:
     layers, batch, queries = sizes.loss_shape
     num_labels = ours.config.num_labels
     generator = torch.Generator().manual_seed(3)
-    logits = torch.randn(layers, batch, queries, num_labels + 1, generator=generator, requires_grad=True)
-    boxes = (torch.rand(layers, batch, queries, 4, generator=generator) * 0.5 + 0.25).requires_grad_()
+    logits = torch.randn(layers, batch, queries, num_labels + 1, generator=generator).to(DEVICE).requires_grad_()
+    boxes = (torch.rand(layers, batch, queries, 4, generator=generator) * 0.5 + 0.25).to(DEVICE).requires_grad_()
     counts = torch.randint(1, 2 * sizes.objects_per_image, (batch,), generator=generator).tolist()  # mean ~7
     labels = random_labels(counts, num_labels, generator)
     config = reference.config
@@ -386,6 +419,8 @@ def train_worker(quick: bool) -> dict:
 
 def row_training_without_page_faults(sizes: Sizes) -> Row:
     name = "  same, no page faults on either side"
+    if DEVICE.type != "cpu":
+        return Row(name, "not measured", "not measured", None, None, "CPU only (glibc's malloc)")
     if platform.libc_ver()[0] != "glibc":
         return Row(name, "not measured", "not measured", None, None, "the malloc settings are glibc's")
     command = [sys.executable, os.path.abspath(__file__), "--train-worker", "--threads", str(torch.get_num_threads())]
@@ -432,6 +467,8 @@ def memory_worker(side: str, quick: bool, steps: int = 2) -> dict:
 
 
 def row_memory(sizes: Sizes) -> Row:
+    if DEVICE.type != "cpu":
+        return Row("peak memory, training step", "not measured", "not measured", None, None, "CPU only (RSS); GPU: the throughput table")
     if not Path("/proc/self/clear_refs").exists():
         return Row("peak memory, training step", "not measured", "not measured", None, None, "needs Linux /proc")
     # Both sides at once (peak RSS is per process, so they do not disturb each other's numbers).
@@ -487,9 +524,13 @@ def mode_rows(ours, sizes: Sizes, include_compile: bool) -> list[list[str]]:
         rows.append([name, what, fmt_time(base_time), fmt_time(fast_time), f"{ratio:.2f}x", f"{logits:.1e}", f"{boxes:.1e}", notes])
 
     what = f"inference, batch 1, {h}x{w}"
-    compare("bf16 autocast (CPU)", enable_fast_mode(copy.deepcopy(ours), bf16=True), what)
-    for backend in ("math", "flash"):
-        compare(f"SDPA backend: {backend}", enable_fast_mode(copy.deepcopy(ours), sdpa_backend=backend), what)
+    bf16 = f"bf16 autocast ({DEVICE.type.upper()})"
+    compare(bf16, enable_fast_mode(copy.deepcopy(ours), bf16=True), what)
+    for backend in ("math", "flash") if DEVICE.type == "cpu" else ("math", "flash", "efficient", "cudnn"):
+        try:
+            compare(f"SDPA backend: {backend}", enable_fast_mode(copy.deepcopy(ours), sdpa_backend=backend), what)
+        except RuntimeError as err:  # e.g. a GPU kernel that does not take an attention mask: report it
+            rows.append([f"SDPA backend: {backend}", what, "", "", "failed", "", "", f"{type(err).__name__}: {str(err)[:100]}"])
     if include_compile:
         compiled = copy.deepcopy(ours)
         try:
@@ -521,8 +562,91 @@ def mode_rows(ours, sizes: Sizes, include_compile: bool) -> list[list[str]]:
     base_time, fast_time, ratio = summary(*times)
     difference = abs(losses["bf16"] - losses["fp32"]) / abs(losses["fp32"])
     th, tw = sizes.train_size
-    rows.append(["bf16 autocast (CPU)", f"training step, batch 2, {th}x{tw}", fmt_time(base_time), fmt_time(fast_time),
+    rows.append([bf16, f"training step, batch 2, {th}x{tw}", fmt_time(base_time), fmt_time(fast_time),
                  f"{ratio:.2f}x", "", "", f"loss rel diff {difference:.1e} (same dropout masks)"])  # fmt: skip
+    return rows
+
+
+# ------------------------------------------------------------------------------- training throughput
+
+
+def throughput_rows(reference, ours, sizes: Sizes) -> list[list[str]]:
+    """Full training steps (forward + loss with aux losses + backward + AdamW step), one batch of
+    `throughput_batch` images at `throughput_size`, for transformers at fp32 and at bf16 autocast and
+    for hf_detr at bf16 autocast and at fp32, interleaved round by round. Each side trains its own copy
+    of the same weights (DETR's trainable backbone) with its own optimizer. On a GPU, each side's peak
+    memory is what it would hold running alone: its own model and optimizer state, plus the most
+    `torch.cuda.max_memory_allocated` rose above the memory allocated at the start of a step (all four
+    sides' models stay on the GPU)."""
+    import copy
+
+    from hf_detr.speed import enable_fast_mode
+
+    generator = torch.Generator().manual_seed(4)
+    batch = sizes.throughput_batch
+    pixel_values, pixel_mask = padded_batch([sizes.throughput_size], sizes.throughput_size, batch, generator)
+    labels = random_labels([sizes.objects_per_image] * batch, ours.config.num_labels, generator)
+    autocast = lambda: torch.autocast(DEVICE.type, dtype=torch.bfloat16)  # noqa: E731
+    # DETR's trainable backbone (hf_detr's default; transformers' own rule misses its AutoBackbone's names)
+    references = [copy.deepcopy(reference) for _ in range(2)]
+    for model in references:
+        copy_backbone_trainability(ours, model)
+    sides = {  # name -> (model, context of its forward)
+        "transformers fp32": (references[0], contextlib.nullcontext),
+        "transformers bf16 autocast": (references[1], autocast),
+        "hf_detr bf16 autocast": (enable_fast_mode(copy.deepcopy(ours), bf16=True), contextlib.nullcontext),
+        "hf_detr fp32": (copy.deepcopy(ours), contextlib.nullcontext),
+    }
+    peaks = dict.fromkeys(sides, 0)
+
+    def step(name):
+        model, context = sides[name]
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+        def run():
+            optimizer.zero_grad(set_to_none=True)
+            if DEVICE.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(DEVICE)
+                start = torch.cuda.memory_allocated(DEVICE)
+            with context():
+                loss = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            if DEVICE.type == "cuda":
+                resident = [*model.parameters(), *model.buffers()]
+                resident += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+                step_peak = torch.cuda.max_memory_allocated(DEVICE) - start
+                peaks[name] = max(peaks[name], sum(t.nbytes for t in resident) + step_peak)
+
+        return run
+
+    times = interleaved_rounds([step(name) for name in sides], sizes.repeats["throughput"], sizes.warmup["throughput"])
+    times = dict(zip(sides, times))
+    del sides, references  # the copies, their gradients and optimizer state
+
+    def ratio(name, baseline):  # median over rounds of time(baseline) / time(name)
+        return statistics.median(a / b for a, b in zip(times[baseline], times[name]))
+
+    rows = []
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        memory = f"{peaks[name] / 2**30:.2f} GiB" if DEVICE.type == "cuda" else "n/a (CPU: the memory row)"
+        rows.append([
+            name, fmt_time(median), f"{batch / median:.1f}", memory,
+            f"{ratio(name, 'transformers fp32'):.2f}x", f"{ratio(name, 'transformers bf16 autocast'):.2f}x",
+        ])  # fmt: skip
+    rate, speed_up = THROUGHPUT_TARGETS["images/s"], THROUGHPUT_TARGETS["speed-up"]
+    if DEVICE.type != "cuda" or sizes.quick:  # the targets are for DETR-R50 at full size on a GPU
+        rows.append(["targets: on a GPU, full size (not this run)", "", f"hf_detr bf16 >= {rate:g}", "", f">= {speed_up:g}x", f">= {speed_up:g}x"])
+        return rows
+    verdict = lambda met: "met" if met else "MISSED"  # noqa: E731
+    ours_rate = batch / statistics.median(times["hf_detr bf16 autocast"])
+    rows.append([
+        "targets, hf_detr bf16 autocast", "", f">= {rate:g} {verdict(ours_rate >= rate)}", "",
+        f">= {speed_up:g}x {verdict(ratio('hf_detr bf16 autocast', 'transformers fp32') >= speed_up)}",
+        f">= {speed_up:g}x {verdict(ratio('hf_detr bf16 autocast', 'transformers bf16 autocast') >= speed_up)}",
+    ])  # fmt: skip
     return rows
 
 
@@ -550,16 +674,27 @@ def machine_lines() -> list[str]:
         f"transformers {transformers.__version__}, hf_detr {hf_detr.__version__}, scipy {scipy.__version__}, "
         f"numpy {numpy.__version__}, Pillow {PIL.__version__}, Python {platform.python_version()}",
         "dtype float32 (the optional-modes table aside)",
+    ] + gpu_lines()
+
+
+def gpu_lines() -> list[str]:
+    if DEVICE.type != "cuda":
+        return []
+    properties = torch.cuda.get_device_properties(DEVICE)
+    return [
+        f"device: {properties.name}, {properties.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; "
+        f"TF32 for convolutions {torch.backends.cudnn.allow_tf32}, for matmuls {torch.backends.cuda.matmul.allow_tf32} (torch's defaults)"
     ]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and inputs: a smoke run in seconds")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)} (default: all on a GPU, all but throughput on CPU)")
     parser.add_argument("--repeats", type=int, help="timed pairs per row (default: per row, see Sizes)")
     parser.add_argument("--warmup", type=int, help="warm-up pairs per row")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--device", default="cpu", help="cpu (the default), or cuda[:N]: the models and inputs on that GPU")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the modes table")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-worker", choices=("ref", "ours"), help=argparse.SUPPRESS)
@@ -574,7 +709,16 @@ def main(argv=None):
     if args.train_worker:
         print(json.dumps(train_worker(args.quick)))
         return
-    rows = [row.strip() for row in args.rows.split(",") if row.strip()]
+    global DEVICE
+    try:
+        DEVICE = torch.device(args.device)
+    except RuntimeError:
+        DEVICE = None
+    if DEVICE is None or DEVICE.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU")
+    rows = [row.strip() for row in (args.rows or ",".join(DEFAULT_ROWS[DEVICE.type])).split(",") if row.strip()]
     unknown = set(rows) - set(ROWS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {','.join(ROWS)}")
@@ -591,7 +735,7 @@ def main(argv=None):
     print("\n".join(header))
     print(f"timings: median of interleaved (transformers, hf_detr) pairs; repeats {sizes.repeats}, warm-up {sizes.warmup}")
     sys.stdout.flush()
-    need_models = set(rows) & {"infer1", "infer4", "train", "loss", "modes"}
+    need_models = set(rows) & {"infer1", "infer4", "train", "loss", "modes", "throughput"}
     reference, ours = build_models(args.quick) if need_models else (None, None)
 
     table = []
@@ -610,7 +754,7 @@ def main(argv=None):
             table.extend(row_data(sizes))
         elif row == "memory":
             table.append(row_memory(sizes))
-        if row != "modes":
+        if row not in ("modes", "throughput"):
             print(f"  done: {table[-1].name} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     header_cells = ["row", "transformers", "hf_detr", "speed-up (ours)", "target", "notes"]
     print_table("hf_detr vs transformers DETR (same weights, same inputs)", header_cells, [r.cells() for r in table])
@@ -623,10 +767,19 @@ def main(argv=None):
             ["mode", "workload", "fp32 eager", "mode", "speed-up", "max|d logits|", "max|d boxes|", "notes"],
             modes,
         )  # fmt: skip
+    throughput = []
+    if "throughput" in rows:
+        throughput = throughput_rows(reference, ours, sizes)
+        h, w = sizes.throughput_size
+        print_table(
+            f"Training throughput, batch {sizes.throughput_batch} at {h}x{w} (fwd + loss (aux) + bwd + AdamW step), {DEVICE.type}",
+            ["side", "step", "images/s", "peak memory", "speed-up vs transformers fp32", "vs transformers bf16 autocast"],
+            throughput,
+        )  # fmt: skip
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at the end {' '.join(load)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": [r.cells() for r in table], "modes": modes}, indent=1))
+        Path(args.json).write_text(json.dumps({"header": header, "rows": [r.cells() for r in table], "modes": modes, "throughput": throughput}, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 
@@ -25,3 +27,26 @@ def test_quick_run_prints_every_row():
 def test_unknown_row_is_rejected():
     done = subprocess.run([sys.executable, str(SCRIPT), "--rows", "nope"], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "unknown rows" in done.stderr
+
+
+def test_throughput_table_times_every_side():
+    """The GPU table of issue 4 (run by default on a GPU) also runs on CPU at tiny sizes: four sides,
+    each with a positive rate, and the targets marked as not judged off a GPU."""
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--rows", "throughput"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout.split("Training throughput, batch 2 at 64x96")[1]
+    rows = {cells[0]: cells[1:] for line in table.splitlines() if line.startswith("| ") for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    for side in ("transformers fp32", "transformers bf16 autocast", "hf_detr bf16 autocast", "hf_detr fp32"):
+        assert float(rows[side][1]) > 0, rows[side]
+    assert rows["transformers fp32"][3] == "1.00x"
+    assert "not this run" in table and "MISSED" not in table and " met" not in table
+
+
+def test_device_is_checked():
+    for device, message in (("tpu", "must be cpu or cuda"), ("cuda", "sees no CUDA GPU")):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        done = subprocess.run([sys.executable, str(SCRIPT), "--device", device, "--quick"], capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]

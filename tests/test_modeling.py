@@ -46,6 +46,20 @@ def test_output_shapes_and_box_range(model, inputs):
     assert all(aux["logits"].shape == (2, 10, 6) and aux["pred_boxes"].shape == (2, 10, 4) for aux in out.auxiliary_outputs)
 
 
+def test_forward_creates_nothing_on_the_cpu_for_another_device(model, inputs):
+    """CI has no GPU: on the meta device (no data) every op must find its tensors on the inputs'
+    device, which exercises the non-CPU code paths (no oneDNN products or shortcut subsample, the
+    attention mask always passed) and catches any tensor made without a device."""
+    model = model.to("meta")
+    meta = {name: tensor.to("meta") for name, tensor in inputs.items()}
+    with torch.no_grad():
+        out = model(**meta)
+    assert out.logits.device.type == "meta" and out.logits.shape == (2, 10, 6)
+    assert all(aux["pred_boxes"].device.type == "meta" for aux in out.auxiliary_outputs)
+    model.train()
+    assert model(**meta).pred_boxes.shape == (2, 10, 4)
+
+
 def test_heads_are_shared_across_decoder_layers(model, inputs):
     with torch.no_grad():
         base = model.model(**inputs)
