@@ -408,6 +408,22 @@ def row_data(sizes: Sizes) -> list[Row]:
 NO_TRIM_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "4000000000", "MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TOP_PAD_": "268435456"}
 
 
+def start_worker(flags: list[str], quick: bool, env: dict | None = None) -> subprocess.Popen:
+    """This script in a fresh process, running the worker that `flags` pick, with this process's thread
+    count; collect it with `worker_result`."""
+    command = [sys.executable, os.path.abspath(__file__), *flags, "--threads", str(torch.get_num_threads())]
+    command += ["--quick"] if quick else []
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def worker_result(worker: subprocess.Popen) -> tuple[dict | None, str]:
+    """(the JSON the worker printed last, "") once it has finished, or (None, its last error line)."""
+    stdout, stderr = worker.communicate()
+    if worker.returncode != 0:
+        return None, (stderr.strip().splitlines() or ["?"])[-1][:120]
+    return json.loads(stdout.strip().splitlines()[-1]), ""
+
+
 def train_worker(quick: bool) -> dict:
     """Run in a fresh process started with NO_TRIM_MALLOC: both models, the main training row."""
     sizes = QUICK if quick else Sizes()
@@ -422,12 +438,9 @@ def row_training_without_page_faults(sizes: Sizes) -> Row:
         return Row(name, "not measured", "not measured", None, None, "CPU only (glibc's malloc)")
     if platform.libc_ver()[0] != "glibc":
         return Row(name, "not measured", "not measured", None, None, "the malloc settings are glibc's")
-    command = [sys.executable, os.path.abspath(__file__), "--train-worker", "--threads", str(torch.get_num_threads())]
-    command += ["--quick"] if sizes.quick else []
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **NO_TRIM_MALLOC})
-    if done.returncode != 0:
-        return Row(name, "error", "error", None, None, (done.stderr.strip().splitlines() or ["?"])[-1][:120])
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result, error = worker_result(start_worker(["--train-worker"], sizes.quick, env={**os.environ, **NO_TRIM_MALLOC}))
+    if result is None:
+        return Row(name, "error", "error", None, None, error)
     notes = "fresh process, glibc's trimming off (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, MALLOC_TOP_PAD_)"
     return Row(name, result["reference"], result["ours"], result["ratio"], None, notes)
 
@@ -471,17 +484,12 @@ def row_memory(sizes: Sizes) -> Row:
     if not Path("/proc/self/clear_refs").exists():
         return Row("peak memory, training step", "not measured", "not measured", None, None, "needs Linux /proc")
     # Both sides at once (peak RSS is per process, so they do not disturb each other's numbers).
-    workers = {}
-    for side in ("ref", "ours"):
-        command = [sys.executable, os.path.abspath(__file__), "--memory-worker", side, "--threads", str(torch.get_num_threads())]
-        command += ["--quick"] if sizes.quick else []
-        workers[side] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = {side: start_worker(["--memory-worker", side], sizes.quick) for side in ("ref", "ours")}
     results = {}
     for side, worker in workers.items():
-        stdout, stderr = worker.communicate()
-        if worker.returncode != 0:
-            return Row("peak memory, training step", "error", "error", None, None, (stderr.strip().splitlines() or ["?"])[-1][:120])
-        results[side] = json.loads(stdout.strip().splitlines()[-1])
+        results[side], error = worker_result(worker)
+        if results[side] is None:
+            return Row("peak memory, training step", "error", "error", None, None, error)
     mib = lambda kib: f"{kib / 1024:.0f} MiB"  # noqa: E731
     ref, ours = results["ref"]["step_peak_kib"], results["ours"]["step_peak_kib"]
     return Row(
@@ -595,11 +603,11 @@ def throughput_rows(reference, ours, sizes: Sizes) -> list[list[str]]:
         "hf_detr bf16 autocast": enable_fast_mode(copy.deepcopy(ours), bf16=True),
         "hf_detr fp32": copy.deepcopy(ours),
     }
-    peaks = dict.fromkeys(sides, 0)
+    optimizers = {name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5) for name, model in sides.items()}
+    step_peaks = dict.fromkeys(sides, 0)  # the most a step allocated above what was resident at its start
 
     def step(name):
-        model = sides[name].train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        model, optimizer = sides[name].train(), optimizers[name]
 
         def run():
             model.zero_grad(set_to_none=True)  # before the memory baseline: the last step's gradients are gone
@@ -609,16 +617,18 @@ def throughput_rows(reference, ours, sizes: Sizes) -> list[list[str]]:
             training_step(model, pixel_values, pixel_mask, labels)
             optimizer.step()
             if DEVICE.type == "cuda":
-                resident = [*model.parameters(), *model.buffers()]
-                resident += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-                step_peak = torch.cuda.max_memory_allocated(DEVICE) - start
-                peaks[name] = max(peaks[name], sum(t.nbytes for t in resident) + step_peak)
+                step_peaks[name] = max(step_peaks[name], torch.cuda.max_memory_allocated(DEVICE) - start)
 
         return run
 
     times = interleaved_rounds([step(name) for name in sides], sizes.repeats["throughput"], sizes.warmup["throughput"])
     times = dict(zip(sides, times))
-    del sides, references  # the copies, their gradients and optimizer state
+    peaks = {}  # each side's own model and optimizer state (the same after every step), plus its step peak
+    for name, model in sides.items():
+        resident = [*model.parameters(), *model.buffers()]
+        resident += [t for state in optimizers[name].state.values() for t in state.values() if torch.is_tensor(t)]
+        peaks[name] = sum(t.nbytes for t in resident) + step_peaks[name]
+    del sides, references, optimizers  # the copies, their gradients and optimizer state
 
     def ratio(name, baseline):  # median over rounds of time(baseline) / time(name)
         return statistics.median(a / b for a, b in zip(times[baseline], times[name]))
