@@ -65,9 +65,12 @@ def center_planes(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack((cx, cy, 0.5 * w, 0.5 * h, w * h))
 
 
-def l1_and_generalized_box_iou_planes(planes1: torch.Tensor, planes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def l1_and_generalized_box_iou_planes(
+    planes1: torch.Tensor, planes2: torch.Tensor, with_iou: bool = False
+) -> tuple[torch.Tensor, ...]:
     """L1 distance of the cxcywh boxes and their GIoU, from `center_planes` [5, ...] that broadcast
-    against each other (e.g. per-target [5, 1, N, 1] against per-query [5, L, N, Q] -> [L, N, Q]).
+    against each other (e.g. per-target [5, 1, N, 1] against per-query [5, L, N, Q] -> [L, N, Q]);
+    with_iou: (l1, giou, iou).
 
     Per axis, with centre distance d and half sizes u, v, the overlap is u + v - max(d, |u - v|)
     (clamped at 0) and the enclosing box spans u + v + max(d, |u - v|): the lengths the corners give
@@ -81,4 +84,13 @@ def l1_and_generalized_box_iou_planes(planes1: torch.Tensor, planes2: torch.Tens
     hull_sides = half_sums.add_(reach)
     hull = hull_sides[0] * hull_sides[1]
     union = (planes1[4] + planes2[4]).sub_(inter)
+    if with_iou:
+        iou = inter / union
+        return l1, iou - (hull - union).div_(hull), iou
     return l1, inter.div_(union).sub_((hull - union).div_(hull))
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """log(x / (1 - x)) of x clamped to [0, 1], each side kept at eps or more (boxes refined in logit space)."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))

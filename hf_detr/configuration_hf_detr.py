@@ -16,8 +16,11 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 
-# The query variants the model can build; queries.QUERY_BUILDERS has exactly these keys (tested).
-QueryType = Literal["detr"]
+# The variants, each the keys of the dict in the file that builds it (tested): queries.QUERY_BUILDERS,
+# loss.CLASS_LOSSES, matching.MATCHERS.
+QueryType = Literal["detr", "conditional", "anchor"]
+ClassLoss = Literal["softmax", "focal", "iou_aware"]
+MatcherType = Literal["hungarian"]
 
 
 @strict
@@ -57,26 +60,41 @@ class HfDetrConfig(PreTrainedConfig):
     attention_dropout: float = 0.0  # on attention probabilities
     activation_dropout: float = 0.0  # inside the FFN, after the activation
     normalize_before: bool = False  # pre-norm layers (DETR's --pre_norm); the paper's model is post-norm
-    position_embedding_temperature: int = 10000  # sine position embedding of the feature map
+    position_embedding_temperature: int = 10000  # sine position embedding of the feature map (DAB-DETR: 20)
+    scale_encoder_positions: bool = False  # DAB-DETR's encoder: each layer scales the positions by an MLP of its input
     init_std: float = 0.02
     init_xavier_std: float = 1.0
     is_encoder_decoder: bool = True
 
     # --- queries --------------------------------------------------------------------------------
-    num_queries: int = 100  # detection slots: the most objects one image can have
-    query_type: str = "detr"  # one of QueryType: a key of queries.QUERY_BUILDERS
+    num_queries: int = 100  # detection slots: the most objects one image can have (per group)
+    # "detr": zero content + learned positions; "conditional": + 2-D reference points and a spatial
+    # cross-attention query (Conditional DETR); "anchor": learned 4-D anchor boxes refined layer by layer (DAB-DETR)
+    query_type: str = "detr"
+    num_query_groups: int = 1  # Group DETR: groups of num_queries in training, each matched one-to-one; group 0 at inference
+    num_denoising_queries: int = 0  # DN-DETR ("anchor" only): up to this many noised ground-truth queries per image in training
+    denoising_label_noise: float = 0.2  # probability that a denoising query's class is replaced by a random one
+    denoising_box_noise: float = 0.4  # centre moved by up to this x size / 2, sides scaled by up to 1 +- this
+    look_forward_twice: bool = False  # "anchor": boxes relative to the previous layer's un-detached refinement (DINO)
 
-    # --- matcher costs (Hungarian matching) -----------------------------------------------------
+    # --- matcher (Hungarian matching; its class cost follows class_loss) --------------------------
+    matcher_type: str = "hungarian"  # one of MatcherType: a key of matching.MATCHERS
     class_cost: float = 1.0
     bbox_cost: float = 5.0
     giou_cost: float = 2.0
 
     # --- loss -----------------------------------------------------------------------------------
+    # "softmax": cross-entropy over num_labels + 1 classes, the last "no object" (DETR); "focal": a
+    # sigmoid focal loss per class (Deformable DETR); "iou_aware": sigmoid, a matched query's target is its IoU
+    class_loss: str = "softmax"
     auxiliary_loss: bool = True  # the same loss on every intermediate decoder layer
     ce_loss_coefficient: float = 1.0
     bbox_loss_coefficient: float = 5.0
     giou_loss_coefficient: float = 2.0
-    eos_coefficient: float = 0.1  # weight of the "no object" class in the cross-entropy
+    eos_coefficient: float = 0.1  # "softmax": weight of the "no object" class in the cross-entropy
+    focal_alpha: float = 0.25  # "focal" loss, and the focal matching cost of "focal" and "iou_aware"
+    focal_gamma: float = 2.0  # likewise
+    iou_aware_alpha: float = 0.75  # "iou_aware": weight of the negatives, alpha * p^gamma
 
     # --- labels ---------------------------------------------------------------------------------
     # id2label / label2id come from PreTrainedConfig. category_ids[label] is the dataset's own id of
@@ -92,8 +110,30 @@ class HfDetrConfig(PreTrainedConfig):
     def check_values(self):
         """Reject values the model cannot be built with, naming the field (a plain ValueError:
         `@strict`'s own `validate_*` hooks would wrap it in a StrictDataclassError)."""
-        if self.query_type not in get_args(QueryType):
-            raise ValueError(f"HfDetrConfig.query_type must be one of {get_args(QueryType)}, got {self.query_type!r}")
+        for field, choices in (("query_type", QueryType), ("class_loss", ClassLoss), ("matcher_type", MatcherType)):
+            if getattr(self, field) not in get_args(choices):
+                raise ValueError(f"HfDetrConfig.{field} must be one of {get_args(choices)}, got {getattr(self, field)!r}")
+        if self.num_query_groups < 1:
+            raise ValueError(f"HfDetrConfig.num_query_groups must be >= 1, got {self.num_query_groups}")
+        if self.num_denoising_queries < 0:
+            raise ValueError(f"HfDetrConfig.num_denoising_queries must be >= 0, got {self.num_denoising_queries}")
+        # Denoising queries are noised ground-truth boxes fed in as anchors; refinement needs anchors too.
+        if self.num_denoising_queries and self.query_type != "anchor":
+            raise ValueError(
+                f"HfDetrConfig.num_denoising_queries needs query_type='anchor' (denoising queries are noised boxes "
+                f"given as anchor boxes), got query_type={self.query_type!r}"
+            )
+        if self.look_forward_twice and self.query_type != "anchor":
+            raise ValueError(
+                f"HfDetrConfig.look_forward_twice needs query_type='anchor' (the only queries whose boxes are "
+                f"refined layer by layer), got query_type={self.query_type!r}"
+            )
+        for field in ("denoising_label_noise", "focal_alpha", "iou_aware_alpha"):
+            if not 0.0 <= getattr(self, field) <= 1.0:
+                raise ValueError(f"HfDetrConfig.{field} must be in [0, 1], got {getattr(self, field)}")
+        for field in ("denoising_box_noise", "focal_gamma"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"HfDetrConfig.{field} must be >= 0, got {getattr(self, field)}")
         for field in (
             "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
             "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "num_queries", "num_channels",
@@ -128,7 +168,7 @@ class HfDetrConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["HfDetrConfig", "QueryType"]
+__all__ = ["HfDetrConfig", "QueryType", "ClassLoss", "MatcherType"]
 
 # Saving a config also copies this file and writes its `auto_map` entry (remote code loading).
 HfDetrConfig.register_for_auto_class()

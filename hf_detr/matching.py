@@ -4,8 +4,9 @@ A matcher subclasses `Matcher` and implements `match_pairs`: the matched (layer,
 pairs of every decoder layer at once, as four flat index tensors; the loss calls it once per training
 step. `Matcher` derives the per-image views from it: `match_layers(logits, pred_boxes, labels)` ->
 `indices[layer][image] = (query_indices, target_indices)`, and `matcher(logits, pred_boxes, labels)`
-for one layer. `log_probs`, when given, is `logits.log_softmax(-1)` in fp32, which the loss computes
-for its cross-entropy anyway; a matcher may use it or ignore it.
+for one layer. Logits are [..., K+1] (softmax, "no object" last) or [..., K] (sigmoid class losses).
+`log_probs`, when given, is `logits.log_softmax(-1)` in fp32, which the loss computes for its
+cross-entropy anyway; a matcher may use it or ignore it.
 """
 
 from itertools import accumulate
@@ -26,7 +27,7 @@ class Matcher(nn.Module):
     def match_pairs(
         self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict], log_probs: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] (cxcywh, 0..1), labels: per image
+        """logits [L, B, Q, C], pred_boxes [L, B, Q, 4] (cxcywh, 0..1), labels: per image
         {"class_labels": Long[N], "boxes": Float[N, 4] cxcywh 0..1}
         -> (layer_idx, image_idx, query_idx, target_idx), LongTensors [M] on the CPU: every matched pair,
         ordered by layer, then image, then query; target_idx indexes the image's own targets."""
@@ -36,7 +37,7 @@ class Matcher(nn.Module):
     def match_layers(
         self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict], log_probs: torch.Tensor | None = None
     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] -> indices[layer][image] = (query_idx, target_idx)."""
+        """logits [L, B, Q, C], pred_boxes [L, B, Q, 4] -> indices[layer][image] = (query_idx, target_idx)."""
         layer_idx, image_idx, query_idx, target_idx = self.match_pairs(logits, pred_boxes, labels, log_probs)
         num_layers, batch = logits.shape[:2]
         counts = torch.bincount(layer_idx * batch + image_idx, minlength=num_layers * batch).tolist()
@@ -46,28 +47,47 @@ class Matcher(nn.Module):
     def forward(
         self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """logits [B, Q, K+1], pred_boxes [B, Q, 4] (cxcywh, 0..1), labels: per image
+        """logits [B, Q, C], pred_boxes [B, Q, 4] (cxcywh, 0..1), labels: per image
         {"class_labels": Long[N], "boxes": Float[N, 4] cxcywh 0..1} -> per image (query_idx, target_idx)."""
         return self.match_layers(logits[None], pred_boxes[None], labels)[0]
 
 
 class HungarianMatcher(Matcher):
-    """DETR's optimal one-to-one assignment (sec. 3.1): cost = - class_cost * p(target class)
+    """DETR's optimal one-to-one assignment (sec. 3.1): cost = class_cost * class term
     + bbox_cost * L1(cxcywh) - giou_cost * GIoU(xyxy), solved per image with scipy's
     `linear_sum_assignment`. Queries left unmatched are trained towards "no object".
+
+    class_cost_type: "probability" (DETR, softmax logits [.., K+1]): the class term is -p(target class);
+    "focal" (Deformable DETR, sigmoid logits [.., K]): the focal loss's cost of calling the query the
+    target class, alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p)), p its sigmoid.
 
     The costs of all layers, images and targets are built batched (on CPU a few layers per pass),
     target-major (each target row against its own image's queries, no padding), and cross to the CPU in
     one transfer.
     """
 
-    def __init__(self, class_cost: float = 1.0, bbox_cost: float = 5.0, giou_cost: float = 2.0):
+    def __init__(
+        self,
+        class_cost: float = 1.0,
+        bbox_cost: float = 5.0,
+        giou_cost: float = 2.0,
+        class_cost_type: str = "probability",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
         super().__init__()
         if min(class_cost, bbox_cost, giou_cost) < 0:
             raise ValueError(f"matcher costs must be >= 0, got class={class_cost} bbox={bbox_cost} giou={giou_cost}")
         if class_cost == bbox_cost == giou_cost == 0:
             raise ValueError("matcher costs cannot all be 0")
+        if class_cost_type not in ("probability", "focal"):
+            raise ValueError(f"class_cost_type must be 'probability' or 'focal', got {class_cost_type!r}")
         self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
+        self.class_cost_type, self.focal_alpha, self.focal_gamma = class_cost_type, focal_alpha, focal_gamma
+
+    @classmethod
+    def from_config(cls, config, class_cost_type: str) -> "HungarianMatcher":
+        return cls(config.class_cost, config.bbox_cost, config.giou_cost, class_cost_type, config.focal_alpha, config.focal_gamma)
 
     @torch.no_grad()
     def target_costs(
@@ -79,7 +99,7 @@ class HungarianMatcher(Matcher):
         layers_per_pass: int | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """logits [L, B, Q, K+1], pred_boxes [L, B, Q, 4] -> cost [L, N, Q] of the batch's N targets
+        """logits [L, B, Q, C], pred_boxes [L, B, Q, 4] -> cost [L, N, Q] of the batch's N targets
         (image by image, in label order), each against the queries of its own image. log_probs: the
         fp32 `logits.log_softmax(-1)` if the caller has it (saves a pass over the logits).
         layers_per_pass: how many layers' costs are built together (default: about
@@ -94,9 +114,11 @@ class HungarianMatcher(Matcher):
         image = torch.repeat_interleave(torch.arange(batch), sizes).to(logits.device)  # [N]: each target's image
         target_ids = torch.cat([target["class_labels"] for target in labels]).to(logits.device)
         target_boxes = torch.cat([target["boxes"] for target in labels]).to(logits.device, torch.float32)
-        if log_probs is None:
-            log_probs = logits.float().log_softmax(-1)  # costs in fp32 whatever the model ran in
-        # Index of (target's image, query, target's class) in one layer's flattened [B, Q, K+1].
+        if self.class_cost_type == "focal":
+            scores = logits.detach().float()  # the class term needs the target class's logit only
+        else:
+            scores = log_probs if log_probs is not None else logits.float().log_softmax(-1)  # fp32 whatever the model ran in
+        # Index of (target's image, query, target's class) in one layer's flattened [B, Q, C].
         query_offsets = torch.arange(0, num_queries * num_classes, num_classes, device=logits.device)
         flat = ((image * (num_queries * num_classes) + target_ids)[:, None] + query_offsets).flatten()  # [N * Q]
         target = center_planes(target_boxes)[:, None, :, None]  # [5, 1, N, 1]: cx, cy, w/2, h/2, area
@@ -110,24 +132,32 @@ class HungarianMatcher(Matcher):
         if layers_per_pass is None:
             per_layer = cost[0].numel()
             layers_per_pass = max(1, CPU_ENTRIES_PER_PASS // max(per_layer, 1)) if logits.device.type == "cpu" else num_layers
-        # p(target class) = exp(log_softmax) at [layer, target's image, query, target's class]: log_softmax
-        # is the faster full pass on CPU, and the exp runs on the gathered [L, N, Q] only. (`gather` with the
-        # index expanded over layers: on CPU ~1.5x faster than the same `index_select` along dim 1.)
-        class_prob = log_probs.detach().reshape(num_layers, -1).gather(1, flat.expand(num_layers, -1))
-        class_prob = class_prob.view(cost.shape).exp_()
+        # The target class's score at [layer, target's image, query, target's class], then the class term on
+        # the gathered [L, N, Q] only: p = exp(log_softmax) (log_softmax is the faster full pass on CPU), or
+        # the focal cost of the logit. (`gather` with the index expanded over layers: on CPU ~1.5x faster
+        # than the same `index_select` along dim 1.)
+        score = scores.detach().reshape(num_layers, -1).gather(1, flat.expand(num_layers, -1)).view(cost.shape)
+        class_term = self._focal_cost(score) if self.class_cost_type == "focal" else score.exp_()  # cost: -p
         # Boxes as contiguous planes (cx, cy, w/2, h/2, area): predictions [5, L, N, Q], gathered per
         # target, against the targets' [5, 1, N, 1].
         pred = center_planes(pred_boxes.float()).view(5 * num_layers, batch, num_queries).index_select(1, image)
         pred = pred.view(5, *cost.shape)
         for start in range(0, num_layers, layers_per_pass):
             layers = slice(start, start + layers_per_pass)
-            cost[layers] = self._layer_costs(class_prob[layers], pred[:, layers], target)
+            cost[layers] = self._layer_costs(class_term[layers], pred[:, layers], target)
         return cost
 
-    def _layer_costs(self, class_prob, pred, target) -> torch.Tensor:
-        """class_prob [l, N, Q] and pred planes [5, l, N, Q] of a few layers, target planes [5, 1, N, 1] -> cost [l, N, Q]."""
+    def _focal_cost(self, logit: torch.Tensor) -> torch.Tensor:
+        p, alpha, gamma = logit.sigmoid(), self.focal_alpha, self.focal_gamma
+        positive = alpha * (1 - p) ** gamma * -(p + 1e-8).log()
+        negative = (1 - alpha) * p**gamma * -(1 - p + 1e-8).log()
+        return positive - negative
+
+    def _layer_costs(self, class_term, pred, target) -> torch.Tensor:
+        """class_term [l, N, Q] and pred planes [5, l, N, Q] of a few layers, target planes [5, 1, N, 1] -> cost [l, N, Q]."""
         bbox_cost, giou = l1_and_generalized_box_iou_planes(pred, target)
-        cost = bbox_cost.mul_(self.bbox_cost).sub_(class_prob.mul(self.class_cost)).sub_(giou.mul_(self.giou_cost))
+        class_weight = self.class_cost if self.class_cost_type == "focal" else -self.class_cost  # -p(class)
+        cost = bbox_cost.mul_(self.bbox_cost).add_(class_term, alpha=class_weight).sub_(giou.mul_(self.giou_cost))
         # A diverged prediction (NaN/inf box) must not crash the solver: make it the costliest choice.
         max_value = torch.finfo(cost.dtype).max
         return cost.nan_to_num_(nan=max_value, posinf=max_value, neginf=max_value)

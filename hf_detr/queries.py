@@ -1,28 +1,298 @@
-"""Decoder query builders: what the decoder starts from. The extension point for query variants.
+"""Decoder query builders: what the decoder starts from, and what each of its layers is given. The
+extension point for query variants (`QUERY_BUILDERS`, `HfDetrConfig.query_type`).
 
-A builder is an `nn.Module` called with the batch size that returns two `[batch, num_queries, d_model]`
-tensors: the content queries (the decoder's input hidden states) and the query position embeddings
-(added to the queries at every decoder layer, in self- and cross-attention). A new variant is a class
-here, one entry in `QUERY_BUILDERS`, and one value of `HfDetrConfig.query_type` (`QueryType`).
+A builder is a `QueryBuilder`. The decoder calls it three ways:
+
+- `builder(batch_size, memory, memory_mask, labels)` -> `DecoderQueries`: the decoder's start. Content
+  queries [B, T, D] (the first layer's input hidden states), optional learned query positions
+  [B, T, D], optional reference points or boxes [B, T, 2 | 4] (sigmoid space, cxcywh), an optional
+  self-attention mask [T, T], and the layout of the T queries: denoising queries first (training with
+  labels), then `num_groups` groups of `num_queries` (all groups in training, group 0 alone otherwise).
+- `builder.layer_positions(layer, hidden_states, queries, reference)` before each decoder layer ->
+  (query position [B, T, D], spatial query [B, T, D] or None). The decoder's layers add the query
+  position to queries and self-attention keys; builders with `spatial_cross_attention` also give a
+  spatial query, which those layers' cross-attention concatenates to the content query per head.
+- `builder.refine(layer, hidden_states, reference, box_head)` after each layer -> (the reference for the
+  next layer, the reference the next layer's boxes are predicted relative to).
+
+A builder owns its parameters' initialisation through the modules it is made of (the model's
+`_init_weights` calls each module's own `reset_parameters`). A new variant is a subclass here, one entry
+in `QUERY_BUILDERS`, and one value of `HfDetrConfig.query_type`; `from_config` is its adapter from the
+config to explicit arguments.
 """
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .box_ops import inverse_sigmoid
+from .layers import MLP
 
-class DetrQueries(nn.Module):
+
+@dataclass
+class DenoisingPairs:
+    """Which denoising query reconstructs which target (DN-DETR): flat indices [M] of one layer's
+    [B, T] queries, one entry per (denoising group, target)."""
+
+    image_idx: torch.Tensor
+    query_idx: torch.Tensor
+    target_idx: torch.Tensor
+    num_groups: int  # denoising groups; each holds one noised copy of every target of the batch
+
+
+@dataclass
+class DecoderQueries:
+    """The decoder's start. T = num_denoising + num_groups * num_queries."""
+
+    content: torch.Tensor  # [B, T, D] the first decoder layer's input
+    position: torch.Tensor | None = None  # [B, T, D] learned query positions, or None if derived per layer
+    reference: torch.Tensor | None = None  # [B, T, 2 | 4] reference points / boxes, sigmoid space, cxcywh
+    self_attention_mask: torch.Tensor | None = None  # [T, T] bool, True where a query may attend to a query
+    num_groups: int = 1
+    num_denoising: int = 0
+    denoising: DenoisingPairs | None = None
+
+
+def box_sine_embedding(coords: torch.Tensor, num_features: int, temperature: int = 10000) -> torch.Tensor:
+    """Sine embedding of normalised coordinates, as DETR embeds feature-map positions.
+
+    coords [..., n] in 0..1 (cx, cy or cx, cy, w, h) -> [..., n * num_features]: every coordinate c as
+    interleaved sin/cos of c * 2pi / temperature^(2 floor(i / 2) / num_features), in the order
+    (y, x[, w, h]), the order of the feature map's own embedding (y first)."""
+    dim_t = torch.arange(num_features, dtype=torch.float32, device=coords.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_features)
+    angles = coords[..., None].float() * (2 * math.pi) / dim_t  # [..., n, F]
+    embedding = torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+    if coords.shape[-1] >= 2:
+        embedding = torch.cat((embedding[..., 1:2, :], embedding[..., 0:1, :], embedding[..., 2:, :]), dim=-2)
+    return embedding.flatten(-2).to(coords.dtype)
+
+
+def group_attention_mask(
+    num_groups: int, num_queries: int, num_denoising_groups: int = 0, denoising_group_size: int = 0, device=None
+) -> torch.Tensor | None:
+    """[T, T] bool self-attention mask (True = may attend) for T = num_denoising_groups *
+    denoising_group_size + num_groups * num_queries queries, denoising queries first.
+
+    Each group of matching queries attends only within itself (Group DETR); each denoising group
+    attends within itself and to matching group 0, and no matching query attends to a denoising one
+    (DN-DETR: what the matching queries see must not carry the ground truth). None when that is everything."""
+    if num_groups == 1 and num_denoising_groups == 0:
+        return None
+    group = torch.cat((
+        torch.arange(num_denoising_groups, device=device).repeat_interleave(denoising_group_size),
+        torch.arange(num_groups, device=device).repeat_interleave(num_queries) + num_denoising_groups,
+    ))  # fmt: skip
+    mask = group[:, None] == group[None, :]
+    num_denoising = num_denoising_groups * denoising_group_size
+    mask[:num_denoising, num_denoising : num_denoising + num_queries] = True  # denoising -> matching group 0
+    return mask
+
+
+class QueryBuilder(nn.Module):
+    """Base of the builders: the group layout and the default per-layer behaviour (a fixed position,
+    no spatial query, no refinement)."""
+
+    spatial_cross_attention = False  # True: the layers' cross-attention takes a spatial query (Conditional DETR)
+    reference_size = 0  # coordinates of the reference (0: none, 2: points, 4: boxes)
+
+    def __init__(self, num_queries: int, num_groups: int = 1):
+        super().__init__()
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+        self.num_queries, self.num_groups = num_queries, num_groups
+
+    @classmethod
+    def from_config(cls, config) -> "QueryBuilder":
+        return cls(num_queries=config.num_queries, d_model=config.d_model, num_groups=config.num_query_groups)
+
+    def groups_in_pass(self) -> int:
+        """All groups while training (Group DETR's one-to-many supervision), group 0 alone otherwise."""
+        return self.num_groups if self.training else 1
+
+    def forward(self, batch_size: int, memory=None, memory_mask=None, labels=None) -> DecoderQueries:
+        raise NotImplementedError
+
+    def layer_positions(self, layer: int, hidden_states, queries: DecoderQueries, reference):
+        """-> (query position [B, T, D], spatial query [B, T, D] or None) for decoder layer `layer`."""
+        return queries.position, None
+
+    def refine(self, layer: int, hidden_states, reference, box_head):
+        """-> (reference for the next layer, reference its boxes are predicted relative to)."""
+        return reference, reference
+
+
+class DetrQueries(QueryBuilder):
     """Vanilla DETR (Carion et al., 2020, sec. 3.2): the content queries start as zeros, so everything
     that tells one detection slot from another is its learned position embedding ("object query"),
-    `nn.Embedding(num_queries, d_model)`, which the decoder adds again at every layer."""
+    `nn.Embedding(num_queries, d_model)`, which the decoder adds again at every layer. With groups,
+    `num_groups * num_queries` rows, group g's slots at rows g * num_queries ... ."""
 
-    def __init__(self, num_queries: int, d_model: int):
+    def __init__(self, num_queries: int, d_model: int, num_groups: int = 1):
+        super().__init__(num_queries, num_groups)
+        self.position_embeddings = nn.Embedding(num_groups * num_queries, d_model)
+
+    def forward(self, batch_size: int, memory=None, memory_mask=None, labels=None) -> DecoderQueries:
+        groups = self.groups_in_pass()
+        weight = self.position_embeddings.weight
+        position = weight[: groups * self.num_queries].unsqueeze(0).expand(batch_size, -1, -1)
+        return DecoderQueries(
+            content=torch.zeros_like(position),
+            position=position,
+            self_attention_mask=group_attention_mask(groups, self.num_queries, device=weight.device),
+            num_groups=groups,
+        )
+
+
+class ConditionalQueries(DetrQueries):
+    """Conditional DETR (Meng et al., 2021): DETR's zero content queries and learned positions, plus a
+    2-D reference point per query, sigmoid(MLP(position)). Cross-attention gets a spatial query, the
+    sine embedding of that point scaled element-wise by an MLP of the layer's input (identity at the
+    first layer), which each head concatenates to its content query; boxes are predicted relative to
+    the point (centre offsets in inverse-sigmoid space). Reference points are not refined."""
+
+    spatial_cross_attention = True
+    reference_size = 2
+
+    def __init__(self, num_queries: int, d_model: int, num_groups: int = 1):
+        super().__init__(num_queries, d_model, num_groups)
+        self.ref_point_head = MLP(d_model, d_model, 2, 2)
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+
+    def forward(self, batch_size: int, memory=None, memory_mask=None, labels=None) -> DecoderQueries:
+        queries = super().forward(batch_size)
+        queries.reference = self.ref_point_head(queries.position).sigmoid()
+        return queries
+
+    def layer_positions(self, layer, hidden_states, queries, reference):
+        spatial = box_sine_embedding(reference, hidden_states.shape[-1] // 2)
+        if layer > 0:
+            spatial = spatial * self.query_scale(hidden_states)
+        return queries.position, spatial
+
+
+class AnchorQueries(QueryBuilder):
+    """DAB-DETR (Liu et al., 2022): each query is a learned 4-D anchor box (cx, cy, w, h; stored in
+    inverse-sigmoid space), zero content. Before every layer the anchor's sine embedding goes through an
+    MLP to become the query position, and the spatial query is the embedding of its centre scaled by an
+    MLP of the layer's input, its x and y parts modulated by the ratio of a predicted width / height to
+    the anchor's (width/height-modulated cross-attention). After every layer the shared box head refines
+    the anchor: sigmoid(box_head_delta + inverse_sigmoid(anchor)), detached for the next layer.
+
+    look_forward_twice (DINO, Zhang et al., 2022): each layer's boxes are predicted relative to the
+    previous layer's refined anchors before the detach, so a layer's box loss also trains the layer before.
+
+    Denoising (DN-DETR, Li et al., 2022), in training with labels and `denoising`: noised copies of the
+    ground truth go in as extra queries in front (see `Denoising`)."""
+
+    spatial_cross_attention = True
+    reference_size = 4
+
+    def __init__(self, num_queries: int, d_model: int, num_groups: int = 1, look_forward_twice: bool = False, denoising=None):
+        super().__init__(num_queries, num_groups)
+        self.anchor_embeddings = nn.Embedding(num_groups * num_queries, 4)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        self.ref_anchor_head = MLP(d_model, d_model, 2, 2)
+        self.d_model, self.look_forward_twice, self.denoising = d_model, look_forward_twice, denoising
+
+    @classmethod
+    def from_config(cls, config) -> "AnchorQueries":
+        denoising = None
+        if config.num_denoising_queries:
+            denoising = Denoising(
+                config.num_labels, config.d_model, config.num_denoising_queries,
+                label_noise=config.denoising_label_noise, box_noise=config.denoising_box_noise,
+            )  # fmt: skip
+        return cls(config.num_queries, config.d_model, config.num_query_groups, config.look_forward_twice, denoising)
+
+    def forward(self, batch_size: int, memory=None, memory_mask=None, labels=None) -> DecoderQueries:
+        groups = self.groups_in_pass()
+        anchors = self.anchor_embeddings.weight[: groups * self.num_queries].unsqueeze(0).expand(batch_size, -1, -1)
+        content = anchors.new_zeros(batch_size, anchors.shape[1], self.d_model)
+        pairs = None
+        if self.denoising is not None and self.training and labels is not None:
+            dn_content, dn_anchors, pairs = self.denoising(labels, anchors.device)
+            if pairs is not None:
+                content, anchors = torch.cat((dn_content, content), 1), torch.cat((dn_anchors, anchors), 1)
+        num_denoising = content.shape[1] - groups * self.num_queries
+        group_size = num_denoising // pairs.num_groups if pairs is not None else 0
+        return DecoderQueries(
+            content=content,
+            reference=anchors.sigmoid(),
+            self_attention_mask=group_attention_mask(
+                groups, self.num_queries, pairs.num_groups if pairs is not None else 0, group_size, anchors.device
+            ),
+            num_groups=groups,
+            num_denoising=num_denoising,
+            denoising=pairs,
+        )
+
+    def layer_positions(self, layer, hidden_states, queries, reference):
+        d_model = hidden_states.shape[-1]
+        embedding = box_sine_embedding(reference, d_model // 2)  # [B, T, 2D]: y, x, w, h
+        position = self.ref_point_head(embedding)
+        spatial = embedding[..., :d_model]  # y, x
+        if layer > 0:
+            spatial = spatial * self.query_scale(hidden_states)
+        size = self.ref_anchor_head(hidden_states).sigmoid()  # [B, T, 2]: predicted (w, h)
+        height_scale = (size[..., 1] / reference[..., 3]).unsqueeze(-1).expand(*spatial.shape[:-1], d_model // 2)
+        width_scale = (size[..., 0] / reference[..., 2]).unsqueeze(-1).expand(*spatial.shape[:-1], d_model // 2)
+        return position, spatial * torch.cat((height_scale, width_scale), -1)
+
+    def refine(self, layer, hidden_states, reference, box_head):
+        if box_head is None:  # the bare HfDetrModel has no box head: anchors stay as learned
+            return reference, reference
+        refined = box_head(hidden_states, reference)
+        return refined.detach(), (refined if self.look_forward_twice else refined.detach())
+
+
+class Denoising(nn.Module):
+    """DN-DETR's denoising queries (Li et al., 2022), for builders with anchor boxes.
+
+    In training, every target of the batch is copied into `num_groups = max(1, num_queries //
+    max_targets)` groups (each group is `max_targets` queries per image; images with fewer targets pad
+    their group with unsupervised queries). Each copy's label is replaced by a random class with
+    probability `label_noise` and embedded (`label_embeddings`) as its content query; its box is noised
+    (centre moved by up to box_noise * size / 2, each side scaled by a factor in [1 - box_noise, 1 +
+    box_noise]) and becomes its anchor. The loss asks each copy to reconstruct its target, without
+    matching; the attention mask keeps the matching queries from seeing any of it."""
+
+    def __init__(self, num_labels: int, d_model: int, num_queries: int, label_noise: float = 0.2, box_noise: float = 0.4):
         super().__init__()
-        self.position_embeddings = nn.Embedding(num_queries, d_model)
+        self.label_embeddings = nn.Embedding(num_labels, d_model)
+        self.num_labels, self.num_queries = num_labels, num_queries
+        self.label_noise, self.box_noise = label_noise, box_noise
 
-    def forward(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (content queries [B, Q, D] all zeros, query position embeddings [B, Q, D])."""
-        position = self.position_embeddings.weight.unsqueeze(0).expand(batch_size, -1, -1)
-        return torch.zeros_like(position), position
+    def forward(self, labels: list[dict], device) -> tuple:
+        """-> (content [B, N, D], anchors [B, N, 4] inverse-sigmoid, DenoisingPairs), or (None, None, None)
+        when the batch has no targets."""
+        sizes = [target["class_labels"].shape[0] for target in labels]
+        max_targets = max(sizes, default=0)
+        if max_targets == 0:
+            return None, None, None
+        num_groups = max(1, self.num_queries // max_targets)
+        batch = len(labels)
+        classes = torch.cat([t["class_labels"] for t in labels]).to(device).repeat(num_groups)  # [G * N]
+        boxes = torch.cat([t["boxes"] for t in labels]).to(device, torch.float32).repeat(num_groups, 1)
+        flip = torch.rand(classes.shape, device=device) < self.label_noise
+        classes = torch.where(flip, torch.randint_like(classes, self.num_labels), classes)
+        spread = torch.cat((boxes[:, 2:] / 2, boxes[:, 2:]), -1) * self.box_noise
+        boxes = (boxes + (torch.rand_like(boxes) * 2 - 1) * spread).clamp(0.0, 1.0)
+        # where each copy goes: image b, query g * max_targets + j for its j-th target in group g
+        image_idx = torch.repeat_interleave(torch.arange(batch), torch.tensor(sizes)).repeat(num_groups)
+        target_idx = torch.cat([torch.arange(n) for n in sizes]).repeat(num_groups)
+        group_idx = torch.arange(num_groups).repeat_interleave(sum(sizes))
+        query_idx = group_idx * max_targets + target_idx
+        d_model = self.label_embeddings.embedding_dim
+        content = self.label_embeddings.weight.new_zeros(batch, num_groups * max_targets, d_model)
+        anchors = torch.zeros(batch, num_groups * max_targets, 4, device=device, dtype=content.dtype)  # padding: centred boxes
+        where = (image_idx.to(device), query_idx.to(device))
+        content = content.index_put(where, self.label_embeddings(classes))
+        anchors = anchors.index_put(where, inverse_sigmoid(boxes).to(content.dtype))
+        return content, anchors, DenoisingPairs(image_idx, query_idx, target_idx, num_groups)
 
 
-QUERY_BUILDERS = {"detr": DetrQueries}
+QUERY_BUILDERS = {"detr": DetrQueries, "conditional": ConditionalQueries, "anchor": AnchorQueries}

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, DetrConfig, DetrForObjectDetection
 
 import hf_detr
-import hf_detr.modeling_hf_detr as modeling
+import hf_detr.kernels as kernels
 from conftest import TINY_SIZES, random_labels, tiny_backbone_config
 from hf_detr.convert import COCO_CATEGORIES, config_from_detr_config, convert_checkpoint, convert_state_dict
 
@@ -141,14 +141,14 @@ def convolutions_run(model, inputs) -> int:
     return sum(event.count for event in profile.key_averages() if event.key == "aten::convolution")
 
 
-@pytest.mark.skipif(not modeling._ONEDNN_PRODUCTS, reason="the oneDNN product path needs an x86 CPU with AVX2 or AVX-512")
+@pytest.mark.skipif(not kernels.ONEDNN_PRODUCTS, reason="the oneDNN product path needs an x86 CPU with AVX2 or AVX-512")
 def test_parity_holds_with_every_linear_on_the_onednn_path(inputs, monkeypatch):
     # The tiny test models' products are below the size at which hf_detr's Linear leaves sgemm for
     # oneDNN; lower that size to 0 and run both parity tests again.
     model = hf_detr.convert_transformers_detr(perturbed_detr(tiny_detr_config())).eval()
     convolutions = convolutions_run(model, inputs)
-    monkeypatch.setattr(modeling, "_ONEDNN_MIN_MACS", 0)
-    linears = sum(isinstance(module, modeling.Linear) for module in model.modules())
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0)
+    linears = sum(isinstance(module, kernels.OneDnnLinear) for module in model.modules())
     assert convolutions_run(model, inputs) == convolutions + linears  # each Linear ran once, as a convolution
     test_eval_parity_with_transformers_detr(inputs)
     test_train_parity_with_transformers_detr(inputs)

@@ -5,10 +5,11 @@ import torch.nn.functional as F
 import hf_detr
 from conftest import random_labels
 from hf_detr.box_ops import cxcywh_to_xyxy, generalized_box_iou
+from hf_detr.loss import SoftmaxCrossEntropy
 
 
-def criterion(num_labels, **kwargs):
-    return hf_detr.SetCriterion(hf_detr.HungarianMatcher(), num_labels=num_labels, **kwargs)
+def criterion(num_labels, eos_coefficient=0.1, **kwargs):
+    return hf_detr.SetCriterion(hf_detr.HungarianMatcher(), SoftmaxCrossEntropy(num_labels, eos_coefficient), **kwargs)
 
 
 def naive_layer_loss(crit, logits, boxes, labels):
@@ -17,9 +18,9 @@ def naive_layer_loss(crit, logits, boxes, labels):
     num_boxes = max(sum(len(t["boxes"]) for t in labels), 1)
     ce_num = ce_den = l1 = giou = 0.0
     for b, (q_idx, t_idx) in enumerate(indices):
-        target = torch.full((logits.shape[1],), crit.num_labels)
+        target = torch.full((logits.shape[1],), crit.class_loss.num_labels)
         target[q_idx] = labels[b]["class_labels"][t_idx]
-        weights = crit.class_weight[target]
+        weights = crit.class_loss.class_weight[target]
         ce_num = ce_num + (F.cross_entropy(logits[b], target, reduction="none") * weights).sum()
         ce_den = ce_den + weights.sum()
         src, tgt = boxes[b, q_idx], labels[b]["boxes"][t_idx]

@@ -140,7 +140,7 @@ def test_save_load_round_trip(checkpoint, model, inputs, generator):
     # (meta-device init) would leave uninitialised unless the model's init recomputes them.
     labels = random_labels([3, 1], model.config.num_labels, generator)
     for reloaded in (loaded, AutoModelForObjectDetection.from_pretrained(checkpoint).eval()):
-        torch.testing.assert_close(reloaded.criterion.class_weight, model.criterion.class_weight, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded.criterion.class_loss.class_weight, model.criterion.class_loss.class_weight, rtol=0, atol=0)
         torch.testing.assert_close(reloaded.criterion.term_weights, torch.tensor([1.0, 5.0, 2.0]), rtol=0, atol=0)
         with torch.no_grad():
             torch.testing.assert_close(reloaded(**inputs, labels=labels).loss, model(**inputs, labels=labels).loss)
@@ -159,7 +159,7 @@ def test_resized_class_head_is_initialised_and_the_rest_loaded(checkpoint, model
     for name, value in resized.state_dict().items():
         if not name.startswith("class_labels_classifier."):
             torch.testing.assert_close(value, original[name], rtol=0, atol=0, msg=name)
-    assert resized.criterion.class_weight.tolist() == pytest.approx([1.0] * 7 + [0.1])
+    assert resized.criterion.class_loss.class_weight.tolist() == pytest.approx([1.0] * 7 + [0.1])
 
 
 def test_auto_classes_after_import(checkpoint, model, inputs):
@@ -237,99 +237,3 @@ def test_pipeline_on_a_real_photograph(checkpoint):
         assert detection["label"] in names and 0 <= detection["score"] <= 1
         box = detection["box"]
         assert 0 <= box["xmin"] <= box["xmax"] <= image.width and 0 <= box["ymin"] <= box["ymax"] <= image.height
-
-
-# ---- speed: the frozen batch norm folded into its convolution (same numbers, same state dict)
-
-
-def _conv_and_frozen_norm(generator):
-    from hf_detr.modeling_hf_detr import FrozenBatchNorm2d
-
-    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
-    norm = FrozenBatchNorm2d(6)
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator))
-        for name in ("weight", "running_var"):
-            getattr(norm, name).copy_(torch.rand(6, generator=generator) + 0.5)
-        for name in ("bias", "running_mean"):
-            getattr(norm, name).copy_(torch.randn(6, generator=generator))
-    return conv, norm
-
-
-def test_folded_convolution_equals_convolution_then_frozen_batch_norm(generator):
-    from hf_detr.modeling_hf_detr import FoldedBatchNormConv2d
-
-    conv, norm = _conv_and_frozen_norm(generator)
-    x = torch.randn(2, 4, 9, 11, generator=generator)
-    expected = norm(conv(x))
-    folded = FoldedBatchNormConv2d.fold(conv, norm)
-    assert folded.weight is conv.weight and norm.folded and torch.equal(norm(x), x)
-    for layout in (torch.contiguous_format, torch.channels_last):
-        with torch.no_grad():
-            torch.testing.assert_close(folded(x.contiguous(memory_format=layout)), expected, rtol=1e-5, atol=1e-5)
-    # training: the gradient reaches the convolution's weight through the fold, as without it
-    expected_grad = torch.autograd.grad((expected * expected).sum(), conv.weight)[0]
-    output = folded(x)
-    torch.testing.assert_close(torch.autograd.grad((output * output).sum(), folded.weight)[0], expected_grad, rtol=1e-4, atol=1e-4)
-
-
-def test_folded_weights_follow_changed_statistics(generator):
-    from hf_detr.modeling_hf_detr import FoldedBatchNormConv2d
-
-    conv, norm = _conv_and_frozen_norm(generator)
-    folded = FoldedBatchNormConv2d.fold(conv, norm)
-    x = torch.randn(1, 4, 5, 5, generator=generator)
-    with torch.no_grad():
-        before = folded(x)
-        norm.running_var.mul_(4.0)  # in place, as load_state_dict does
-        folded.weight.data.mul_(0.5)  # through .data: no version-counter bump, still seen
-        after = folded(x)
-        norm.folded = False
-        torch.testing.assert_close(after, norm(torch.nn.functional.conv2d(x, conv.weight, None, padding=1)), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(before, after)
-
-
-def test_folding_keeps_state_dict_keys_and_values(model, inputs):
-    from hf_detr.modeling_hf_detr import FoldedBatchNormConv2d, FrozenBatchNorm2d
-
-    backbone = model.model.backbone.model
-    folded = [m for m in backbone.modules() if isinstance(m, FoldedBatchNormConv2d)]
-    norms = [m for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
-    assert folded and len(folded) == len(norms) and all(norm.folded for norm in norms)
-    keys = set(model.state_dict())
-    assert "model.backbone.model.embedder.embedder.normalization.running_var" in keys
-    assert "model.backbone.model.embedder.embedder.convolution.weight" in keys
-    assert not any("convolution._" in key for key in keys)
-    # new statistics through load_state_dict reach the folded weights
-    with torch.no_grad():
-        model(**inputs)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        state["model.backbone.model.embedder.embedder.normalization.running_var"] *= 3.0
-        reference = hf_detr.HfDetrForObjectDetection(model.config).eval()
-        reference.load_state_dict(state)
-        model.load_state_dict(state)
-        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits)
-
-
-@pytest.mark.parametrize("kernel, stride", [(1, 1), (1, 2), (3, 1), (3, 2)])
-def test_folded_batch_norm_convolution_equals_convolution_then_batch_norm(kernel, stride):
-    from hf_detr.modeling_hf_detr import FoldedBatchNormConv2d, FrozenBatchNorm2d
-
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(8, 16, kernel, stride=stride, padding=kernel // 2, bias=False)
-    norm = FrozenBatchNorm2d(16)
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        getattr(norm, name).copy_(torch.rand(16) + 0.5 if name in ("weight", "running_var") else torch.randn(16))
-    x = torch.randn(2, 8, 11, 14).contiguous(memory_format=torch.channels_last)  # odd sizes: strides do not divide
-    x_reference, x_folded = x.clone().requires_grad_(), x.clone().requires_grad_()
-    expected = norm(conv(x_reference))
-    expected.backward(torch.ones_like(expected))
-    grad_expected = conv.weight.grad.clone()
-    conv.weight.grad = None
-    folded = FoldedBatchNormConv2d.fold(conv, norm)  # norm now passes its input through
-    actual = folded(x_folded)
-    actual.backward(torch.ones_like(actual))
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x_folded.grad, x_reference.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(folded.weight.grad, grad_expected, rtol=1e-4, atol=1e-4)
