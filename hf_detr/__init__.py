@@ -9,11 +9,11 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 from .box_ops import cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
 from .configuration_hf_detr import HfDetrConfig
 from .convert import convert_transformers_detr
-from .image_processing import HfDetrImageProcessor
-from .loss import SetCriterion
+from .image_processing import HfDetrImageProcessor, image_processor_for
+from .loss import CLASS_LOSSES, SetCriterion
 from .matching import MATCHERS, HungarianMatcher
 from .modeling_hf_detr import HfDetrForObjectDetection, HfDetrModel, HfDetrPreTrainedModel
-from .queries import QUERY_BUILDERS, DetrQueries
+from .queries import QUERY_BUILDERS, AnchorQueries, ConditionalQueries, DetrQueries, QueryBuilder
 
 AutoConfig.register(HfDetrConfig.model_type, HfDetrConfig, exist_ok=True)
 AutoModel.register(HfDetrConfig, HfDetrModel, exist_ok=True)
@@ -27,10 +27,15 @@ __all__ = [
     "HfDetrForObjectDetection",
     "HfDetrPreTrainedModel",
     "HfDetrImageProcessor",
+    "image_processor_for",
     "HungarianMatcher",
     "SetCriterion",
+    "QueryBuilder",
     "DetrQueries",
+    "ConditionalQueries",
+    "AnchorQueries",
     "QUERY_BUILDERS",
+    "CLASS_LOSSES",
     "MATCHERS",
     "convert_transformers_detr",
     "cxcywh_to_xyxy",

@@ -1,22 +1,25 @@
-"""Published DETR weights -> hf_detr.
+"""Published DETR weights -> hf_detr: DETR, and transformers' Conditional DETR and DAB-DETR.
 
-Three key layouts reach us, all mapped by the same table of renames onto our state dict:
+Three DETR key layouts reach us, all mapped by the same table of renames onto our state dict:
 - a live transformers v5 `DetrForObjectDetection` (AutoBackbone ResNet, `mlp.fc1`, `o_proj` ...);
 - a transformers checkpoint on the Hub as saved by transformers v4 (`facebook/detr-resnet-50`):
   `model.backbone.conv_encoder.model.` + timm ResNet keys (`conv1`, `layer1.0.bn1`), or the
   `no_timm` revision's AutoBackbone keys, and `out_proj` / `fc1` at layer level;
 - the original facebookresearch/detr `.pth` (`backbone.0.body.`, `transformer.`, fused `in_proj_weight`).
 timm and torchvision ResNets share their key names, so both map onto transformers' ResNet.
+transformers' `ConditionalDetrForObjectDetection` and `DabDetrForObjectDetection` (live or saved) map
+onto the "conditional" and "anchor" query types through the same table.
 
 `convert_checkpoint` reads any of them from disk or the Hub; scripts/convert_detr_checkpoint.py wraps it.
 """
 
 import argparse
+import math
 import re
 from pathlib import Path
 
 import torch
-from transformers import DetrConfig, PreTrainedConfig, ResNetConfig
+from transformers import AutoConfig, PreTrainedConfig, ResNetConfig
 
 from .configuration_hf_detr import HfDetrConfig
 from .modeling_hf_detr import HfDetrForObjectDetection
@@ -62,18 +65,44 @@ _RENAMES = [
     (r"(encoder\.layers\.\d+)\.norm2\.", r"\1.final_layer_norm."),
     (r"(decoder\.layers\.\d+)\.norm2\.", r"\1.encoder_attn_layer_norm."),
     (r"(decoder\.layers\.\d+)\.norm3\.", r"\1.final_layer_norm."),
+    # Conditional DETR: the query builder's MLPs, content / position projections (transformers v5 live
+    # names, then the saved / original ones: sa_qcontent_proj, ca_qpos_sine_proj, ...)
+    (r"(decoder\.layers\.\d+)\.(sa|ca)_(qcontent|qpos|kcontent|kpos|v|qpos_sine)_proj\.",
+     lambda m: f"{m[1]}.{ {'sa': 'self_attn', 'ca': 'encoder_attn'}[m[2]] }.{_CONDITIONAL_PROJECTIONS[m[3]]}."),
+    (r"^model\.decoder\.(query_scale|ref_point_head|ref_anchor_head)\.", r"model.queries.\1."),
+    (r"\.([qk])_content_proj\.", r".\1_proj."),
+    (r"\.q_pos_sine_proj\.", ".q_sine_proj."),
+    # DAB-DETR (transformers): anchors, the encoder's position MLP, its nested decoder-layer names, PReLU
+    (r"^model\.query_refpoint_embeddings\.", "model.queries.anchor_embeddings."),
+    (r"^model\.encoder\.query_scale\.", "model.encoder.position_scale."),
+    (r"\.(self_attn|cross_attn)\.(self_attn|cross_attn)_(layer_norm)\.", lambda m: f".{_DAB_ATTENTION[m[1]]}_layer_norm."),
+    (r"\.(self_attn|cross_attn)\.(?:self_attn|cross_attn)\.output_proj\.", lambda m: f".{_DAB_ATTENTION[m[1]]}.o_proj."),
+    (r"\.(self_attn|cross_attn)\.(?:self_attn|cross_attn)_(query|key|value)_(content_|pos_|pos_sine_)?proj\.",
+     lambda m: f".{_DAB_ATTENTION[m[1]]}.{m[2][0]}_{ {'content_': '', 'pos_': 'pos_', 'pos_sine_': 'sine_', None: ''}[m[3]] }proj."),
+    (r"(decoder\.layers\.\d+)\.mlp\.final_layer_norm\.", r"\1.final_layer_norm."),
+    (r"(layers\.\d+)\.(?:mlp\.)?activation_fn\.", r"\1.mlp.activation."),
 ]
+_DAB_ATTENTION = {"self_attn": "self_attn", "cross_attn": "encoder_attn"}
+_CONDITIONAL_PROJECTIONS = {
+    "qcontent": "q_proj", "qpos": "q_pos_proj", "kcontent": "k_proj", "kpos": "k_pos_proj", "v": "v_proj", "qpos_sine": "q_sine_proj",
+}  # fmt: skip
+# Conditional DETR's original code (and transformers v4) keeps a query-position projection in the
+# cross-attention of every decoder layer but uses it in the first only; hf_detr has it there only.
+_UNUSED = r"^model\.decoder\.bbox_embed\.|decoder\.layers\.[1-9]\d*\.encoder_attn\.q_pos_proj\."
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Any of the three DETR key layouts -> hf_detr's keys. Fused `in_proj_weight` / `in_proj_bias`
-    (torch.nn.MultiheadAttention, original DETR) are split into q/k/v projections."""
+    """Any of the DETR key layouts -> hf_detr's keys. Fused `in_proj_weight` / `in_proj_bias`
+    (torch.nn.MultiheadAttention, original DETR) are split into q/k/v projections; DAB-DETR's copy of
+    the box head inside its decoder (tied to `bbox_predictor`) and unused projections (`_UNUSED`) are dropped."""
     converted = {}
     for key, value in state_dict.items():
         if key.endswith("num_batches_tracked"):
             continue
         for pattern, replacement in _RENAMES:
             key = re.sub(pattern, replacement, key)
+        if re.search(_UNUSED, key):
+            continue
         if key.endswith((".in_proj_weight", ".in_proj_bias")):
             prefix, kind = key.rsplit(".in_proj_", 1)
             for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
@@ -98,9 +127,10 @@ def _coco_names_if_default(id2label: dict[int, str]) -> dict[int, str]:
     return dict(id2label)
 
 
-def config_from_detr_config(detr_config) -> HfDetrConfig:
-    """transformers' DetrConfig -> HfDetrConfig with the same architecture, costs and labels."""
-    if detr_config.position_embedding_type != "sine":
+def config_from_detr_config(detr_config, eos_coefficient: bool = True, **overrides) -> HfDetrConfig:
+    """transformers' DetrConfig -> HfDetrConfig with the same architecture, costs and labels (also the
+    shared part of its Conditional DETR and DAB-DETR configs: eos_coefficient=False, overrides)."""
+    if getattr(detr_config, "position_embedding_type", "sine") != "sine":
         raise ValueError(f"only the sine position embedding is supported, got {detr_config.position_embedding_type!r}")
     backbone = detr_config.backbone_config
     if backbone.model_type == "timm_backbone":
@@ -108,15 +138,54 @@ def config_from_detr_config(detr_config) -> HfDetrConfig:
             raise ValueError("DETR-DC5 (dilation=True) is not supported")
         backbone = resnet_backbone_config(int(re.sub(r"\D", "", backbone.backbone)))
     same = [
-        "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+        "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
         "encoder_ffn_dim", "decoder_ffn_dim", "activation_function", "dropout", "attention_dropout",
-        "activation_dropout", "init_std", "init_xavier_std", "num_queries", "auxiliary_loss", "eos_coefficient",
-        "num_channels",
-    ]  # fmt: skip
+        "activation_dropout", "init_std", "init_xavier_std", "num_queries", "auxiliary_loss",
+    ] + ["d_model"] * ("d_model" not in overrides) + ["eos_coefficient"] * eos_coefficient  # fmt: skip
     kwargs = {name: getattr(detr_config, name) for name in same}
+    kwargs["num_channels"] = getattr(detr_config, "num_channels", 3)
     kwargs.update({name: float(getattr(detr_config, name)) for name in ("class_cost", "bbox_cost", "giou_cost")})
     kwargs.update({name: float(getattr(detr_config, name)) for name in ("bbox_loss_coefficient", "giou_loss_coefficient")})
-    return HfDetrConfig(backbone_config=backbone, id2label=_coco_names_if_default(detr_config.id2label), **kwargs)
+    kwargs.update({name: float(kwargs[name]) for name in ("dropout", "attention_dropout", "activation_dropout")})
+    return HfDetrConfig(backbone_config=backbone, id2label=_coco_names_if_default(detr_config.id2label), **kwargs, **overrides)
+
+
+def config_from_conditional_detr_config(conditional_config) -> HfDetrConfig:
+    """transformers' ConditionalDetrConfig -> HfDetrConfig with query_type "conditional" and the focal
+    class loss. transformers' loss weights its class term by 1 (its `cls_loss_coefficient` is unused), and
+    so does the converted model, so that both compute the same loss."""
+    return config_from_detr_config(
+        conditional_config, eos_coefficient=False, query_type="conditional", class_loss="focal",
+        focal_alpha=float(conditional_config.focal_alpha), ce_loss_coefficient=1.0,
+    )  # fmt: skip
+
+
+def config_from_dab_detr_config(dab_config) -> HfDetrConfig:
+    """transformers' DabDetrConfig -> HfDetrConfig with query_type "anchor", the focal class loss, DAB's
+    encoder position scaling and spatial temperature, and look_forward_twice (transformers' DAB-DETR, as
+    the original, predicts each layer's boxes relative to the un-detached refined anchors). Its class
+    term is weighted by 1, as in transformers' loss."""
+    unsupported = {
+        "num_patterns": dab_config.num_patterns != 0, "keep_query_pos": dab_config.keep_query_pos,
+        "query_dim": dab_config.query_dim != 4, "normalize_before": dab_config.normalize_before,
+        "temperature_height != temperature_width": dab_config.temperature_height != dab_config.temperature_width,
+        "sine_position_embedding_scale": dab_config.sine_position_embedding_scale not in (None, 2 * math.pi),
+    }  # fmt: skip
+    if any(unsupported.values()):
+        raise ValueError(f"DAB-DETR options hf_detr does not implement: {[k for k, v in unsupported.items() if v]}")
+    return config_from_detr_config(
+        dab_config, eos_coefficient=False, d_model=dab_config.hidden_size, query_type="anchor", class_loss="focal",
+        focal_alpha=float(dab_config.focal_alpha), ce_loss_coefficient=1.0, scale_encoder_positions=True,
+        position_embedding_temperature=dab_config.temperature_height, look_forward_twice=True,
+    )  # fmt: skip
+
+
+# transformers' model_type -> the config mapping; convert_transformers_detr takes a model of any of them.
+CONFIG_CONVERTERS = {
+    "detr": lambda config: config_from_detr_config(config),
+    "conditional_detr": config_from_conditional_detr_config,
+    "dab-detr": config_from_dab_detr_config,
+}
 
 
 def config_from_original_state_dict(
@@ -165,9 +234,16 @@ def load_converted(config: HfDetrConfig, state_dict: dict[str, torch.Tensor]) ->
 
 
 def convert_transformers_detr(model) -> HfDetrForObjectDetection:
-    """A transformers `DetrForObjectDetection` in, an `HfDetrForObjectDetection` with the same weights
-    (and matching outputs) out."""
-    return load_converted(config_from_detr_config(model.config), model.state_dict())
+    """A transformers `DetrForObjectDetection`, `ConditionalDetrForObjectDetection` or
+    `DabDetrForObjectDetection` in, an `HfDetrForObjectDetection` with the same weights (and matching
+    outputs) out: query_type "detr", "conditional" or "anchor"."""
+    return load_converted(config_from_transformers_config(model.config), model.state_dict())
+
+
+def config_from_transformers_config(config) -> HfDetrConfig:
+    if config.model_type not in CONFIG_CONVERTERS:
+        raise ValueError(f"cannot convert a {config.model_type!r} model; known: {sorted(CONFIG_CONVERTERS)}")
+    return CONFIG_CONVERTERS[config.model_type](config)
 
 
 def read_original_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], argparse.Namespace | None]:
@@ -232,6 +308,6 @@ def convert_checkpoint(
         num_heads = num_heads or getattr(args, "nheads", None) or 8
         return load_converted(config_from_original_state_dict(state_dict, num_heads, backbone_config), state_dict)
     folder = path if path.is_dir() else _download(str(checkpoint), revision)
-    # DetrConfig only reads the json: a timm backbone entry needs no timm (config_from_detr_config maps it).
-    config = config_from_detr_config(DetrConfig.from_pretrained(folder))
+    # The config class only reads the json: a timm backbone entry needs no timm (config_from_detr_config maps it).
+    config = config_from_transformers_config(AutoConfig.from_pretrained(folder))
     return load_converted(config, read_transformers_weights(folder))

@@ -256,12 +256,12 @@ class SetCriterion(nn.Module):
             group_labels = [target for target in labels for _ in range(num_groups)]
         per_layer = {"": self.set_terms(match_logits, match_boxes, group_labels, num_boxes * num_groups)}  # [3, L]
         if num_denoising:
-            pairs = queries.denoising
-            pairs = tuple(torch.arange(num_layers).repeat_interleave(len(pairs.query_idx)), *(
-                idx.repeat(num_layers) for idx in (pairs.image_idx, pairs.query_idx, pairs.target_idx)
-            ))  # fmt: skip
-            dn_boxes = num_boxes * queries.denoising.num_groups
-            per_layer["_dn"] = self.set_terms(logits[:, :, :num_denoising], pred_boxes[:, :, :num_denoising], labels, dn_boxes, pairs)
+            dn = queries.denoising  # the same pairs in every layer
+            pairs = (torch.arange(num_layers).repeat_interleave(len(dn.query_idx)),) + tuple(
+                idx.repeat(num_layers) for idx in (dn.image_idx, dn.query_idx, dn.target_idx)
+            )
+            dn_logits, dn_boxes = logits[:, :, :num_denoising], pred_boxes[:, :, :num_denoising]
+            per_layer["_dn"] = self.set_terms(dn_logits, dn_boxes, labels, num_boxes * dn.num_groups, pairs)
 
         loss = sum((terms.sum(1) * self.term_weights).sum() for terms in per_layer.values())
         loss_dict = {}

@@ -1,12 +1,15 @@
-"""Convert published DETR weights into an hf_detr checkpoint folder.
+"""Convert published DETR weights (DETR, Conditional DETR, DAB-DETR) into an hf_detr checkpoint folder.
 
     python scripts/convert_detr_checkpoint.py --checkpoint facebook/detr-resnet-50 --output_dir outputs/detr-resnet-50
     python scripts/convert_detr_checkpoint.py --checkpoint facebook/detr-resnet-50 --revision no_timm --output_dir ...
     python scripts/convert_detr_checkpoint.py --checkpoint detr-r50-e632da11.pth --output_dir ...   # facebookresearch/detr
     python scripts/convert_detr_checkpoint.py --checkpoint path/to/transformers_detr_folder --output_dir ...
+    python scripts/convert_detr_checkpoint.py --checkpoint microsoft/conditional-detr-resnet-50 --output_dir ...
+    python scripts/convert_detr_checkpoint.py --checkpoint IDEA-Research/dab-detr-resnet-50 --output_dir ...
 
---checkpoint is a Hub id, a local transformers DETR folder (config.json + model.safetensors or
-pytorch_model.bin), or an original facebookresearch/detr `.pth` (read with weights_only=True). The
+--checkpoint is a Hub id, a local transformers DETR / Conditional DETR / DAB-DETR folder (config.json +
+model.safetensors or pytorch_model.bin), or an original facebookresearch/detr `.pth` (read with
+weights_only=True). The
 output folder holds the model (config.json with COCO's 91 label slots for COCO models, weights and the
 model-surface files for trust_remote_code) and the image processor, ready for `from_pretrained`,
 `AutoImageProcessor` and `pipeline("object-detection")`. The conversion itself is
@@ -16,7 +19,7 @@ model-surface files for trust_remote_code) and the image processor, ready for `f
 import argparse
 import logging
 
-from hf_detr import HfDetrImageProcessor
+from hf_detr import image_processor_for
 from hf_detr.convert import convert_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ def main(argv=None):
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     model = convert_checkpoint(args.checkpoint, revision=args.revision, num_heads=args.num_heads)
     model.save_pretrained(args.output_dir)
-    HfDetrImageProcessor().save_pretrained(args.output_dir)
+    image_processor_for(model.config).save_pretrained(args.output_dir)
     num_parameters = sum(p.numel() for p in model.parameters())
     summary = f"{num_parameters / 1e6:.1f}M parameters, {model.config.num_labels} labels"
     logger.info(f"{args.checkpoint} -> {args.output_dir} ({summary})")

@@ -50,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--eval_split", default=None, help="default: the dataset's own (val / validation / test)")
     p.add_argument("--bbox_format", choices=["xywh", "xyxy"], default=None, help="Hub datasets: box format of `objects.bbox`")
     p.add_argument("--model_name_or_path", default=None, help="start from a checkpoint (e.g. a converted DETR)")
+    p.add_argument(
+        "--config_overrides", default=None,
+        help='HfDetrConfig values over the run\'s defaults, e.g. "query_type=anchor,class_loss=focal,num_query_groups=4"',
+    )  # fmt: skip
     p.add_argument("--backbone_checkpoint", default="microsoft/resnet-50", help="ImageNet backbone for DETR-R50 runs")
     p.add_argument("--output_dir", default="outputs/hf-detr-synthetic")
     p.add_argument("--image_size", type=int, default=None, help="shortest edge at evaluation (and largest train scale)")
@@ -120,14 +124,25 @@ def load_data(args, accelerator):
     return train, val, categories, args.dataset_name
 
 
+def config_overrides(overrides: str | None) -> dict:
+    """--config_overrides "d_model=128,query_type=anchor" -> {name: value} typed as HfDetrConfig's
+    fields (transformers' `PreTrainedConfig.update_from_string`, the convention of its run_clm example)."""
+    if not overrides:
+        return {}
+    config = hf_detr.HfDetrConfig()
+    config.update_from_string(overrides)
+    return {item.split("=", 1)[0]: getattr(config, item.split("=", 1)[0]) for item in overrides.split(",")}
+
+
 def build_model(args, categories):
     labels = dict(id2label=categories.id2label, label2id={v: k for k, v in categories.id2label.items()}, category_ids=list(categories.category_ids))
+    overrides = config_overrides(args.config_overrides)
     if args.model_name_or_path:
         # e.g. a converted COCO DETR fine-tuned on a new label set: the class head is re-initialised
-        return hf_detr.HfDetrForObjectDetection.from_pretrained(args.model_name_or_path, ignore_mismatched_sizes=True, **labels)
+        return hf_detr.HfDetrForObjectDetection.from_pretrained(args.model_name_or_path, ignore_mismatched_sizes=True, **labels, **overrides)
     if args.dataset_name is None:
-        return hf_detr.HfDetrForObjectDetection(hf_detr.HfDetrConfig(**SMALL_MODEL, **labels))
-    config = hf_detr.HfDetrConfig(use_pretrained_backbone=True, backbone_checkpoint=args.backbone_checkpoint, **labels)
+        return hf_detr.HfDetrForObjectDetection(hf_detr.HfDetrConfig(**{**SMALL_MODEL, **labels, **overrides}))
+    config = hf_detr.HfDetrConfig(**{"use_pretrained_backbone": True, "backbone_checkpoint": args.backbone_checkpoint, **labels, **overrides})
     return hf_detr.HfDetrForObjectDetection(config)
 
 
@@ -190,9 +205,9 @@ def train(args):
         train_set, batch_size=args.per_device_train_batch_size, shuffle=True,
         collate_fn=detr_data.collate_fn, num_workers=args.num_workers, drop_last=True,
     )  # fmt: skip
-    image_processor = hf_detr.HfDetrImageProcessor(size={"shortest_edge": args.image_size, "longest_edge": args.max_size})
-
     model = build_model(args, categories)
+    # the processor whose post-processing fits the model's class loss
+    image_processor = hf_detr.image_processor_for(model.config, size={"shortest_edge": args.image_size, "longest_edge": args.max_size})
     enable_fast_mode(model, compile=args.torch_compile, sdpa_backend=args.sdpa_backend)
     optimizer = build_optimizer(model, args)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)

@@ -1,0 +1,320 @@
+"""The variants contract: every accepted combination of query type x class loss x query groups x
+denoising queries builds, runs, trains, saves, loads, serves a pipeline and loads as remote code; and
+the invariants that make groups and denoising queries what the papers say they are."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import typing
+
+import pytest
+import torch
+from transformers import pipeline
+
+import hf_detr
+from conftest import random_labels, tiny_config
+from hf_detr.configuration_hf_detr import ClassLoss, MatcherType, QueryType
+from hf_detr.queries import Denoising, group_attention_mask
+
+
+def accepted_combinations():
+    """Every (query_type, class_loss, groups, denoising) the config accepts; the rest must be refused by name."""
+    accepted = []
+    for query_type, class_loss, groups, denoising in itertools.product(
+        typing.get_args(QueryType), typing.get_args(ClassLoss), (1, 3), (0, 12)
+    ):
+        kwargs = dict(query_type=query_type, class_loss=class_loss, num_query_groups=groups, num_denoising_queries=denoising)
+        try:
+            tiny_config(**kwargs)
+        except ValueError as error:
+            assert "num_denoising_queries" in str(error) and query_type != "anchor", (kwargs, error)
+            continue
+        accepted.append(kwargs)
+    return accepted
+
+
+COMBINATIONS = accepted_combinations()
+IDS = ["-".join(f"{value}" for value in kwargs.values()) for kwargs in COMBINATIONS]
+
+
+def test_the_dicts_are_the_config_literals():
+    assert set(typing.get_args(QueryType)) == set(hf_detr.QUERY_BUILDERS)
+    assert set(typing.get_args(ClassLoss)) == set(hf_detr.CLASS_LOSSES)
+    assert set(typing.get_args(MatcherType)) == set(hf_detr.MATCHERS)
+    assert len(COMBINATIONS) == 3 * 3 * 2 + 3 * 2  # denoising with anchor queries only
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    pixel_values = torch.randn(2, 3, 64, 96)
+    pixel_mask = torch.ones(2, 64, 96, dtype=torch.long)
+    pixel_mask[1, 40:] = 0
+    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+
+
+@pytest.mark.parametrize("kwargs", COMBINATIONS, ids=IDS)
+def test_variant_contract(kwargs, images, tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config(**kwargs)
+    model = hf_detr.HfDetrForObjectDetection(config)
+    num_classes = 5 if kwargs["class_loss"] != "softmax" else 6
+
+    # inference: group 0 only, no denoising queries
+    model.eval()
+    with torch.no_grad():
+        out = model(**images)
+    assert out.logits.shape == (2, 10, num_classes) and out.pred_boxes.shape == (2, 10, 4)
+    assert ((out.pred_boxes >= 0) & (out.pred_boxes <= 1)).all() and len(out.auxiliary_outputs) == 2
+
+    # one training step: a finite loss whose gradients reach the query builder's parameters
+    model.train()
+    labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
+    train_out = model(**images, labels=labels)
+    assert train_out.logits.shape == (2, 10, num_classes) and torch.isfinite(train_out.loss)
+    suffixes = ("", "_dn") if kwargs["num_denoising_queries"] else ("",)
+    expected_keys = {f"{n}{s}{i}" for n in ("loss_ce", "loss_bbox", "loss_giou") for s in suffixes for i in ("", "_0", "_1")}
+    assert set(train_out.loss_dict) == expected_keys | {"cardinality_error"}
+    train_out.loss.backward()
+    for name, parameter in model.model.queries.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    model.zero_grad()
+
+    # save / load: the same outputs, and the processor that fits the class loss
+    model.eval().save_pretrained(tmp_path)
+    hf_detr.image_processor_for(config, size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(tmp_path)
+    loaded = hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        reloaded = loaded(**images)
+    torch.testing.assert_close(reloaded.logits, out.logits)
+    torch.testing.assert_close(reloaded.pred_boxes, out.pred_boxes)
+
+    # pipeline: detections in the pipeline's format, labels from the config
+    from PIL import Image
+
+    detections = pipeline("object-detection", model=str(tmp_path), threshold=0.0)(Image.new("RGB", (90, 60), "white"))
+    assert detections and all(d["label"] in config.id2label.values() and 0 <= d["score"] <= 1 for d in detections)
+    expected_count = 10 if kwargs["class_loss"] == "softmax" else 10 * 5  # argmax per query, or top-k (query, class)
+    assert len(detections) == expected_count
+
+
+def test_every_variant_loads_as_remote_code_without_hf_detr(tmp_path_factory, images):
+    """One process that cannot import hf_detr loads each query type x class loss checkpoint with
+    trust_remote_code and reproduces its outputs."""
+    folders = {}
+    for query_type, class_loss in itertools.product(typing.get_args(QueryType), typing.get_args(ClassLoss)):
+        torch.manual_seed(0)
+        model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type=query_type, class_loss=class_loss)).eval()
+        folder = tmp_path_factory.mktemp(f"{query_type}-{class_loss}")
+        model.save_pretrained(folder)
+        with torch.no_grad():
+            torch.save({"images": images, "logits": model(**images).logits}, folder / "expected.pt")
+        folders[f"{query_type}/{class_loss}"] = str(folder)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_detr"] = None  # any `import hf_detr` now fails
+        import torch
+        from transformers import AutoModelForObjectDetection
+        for name, folder in {folders!r}.items():
+            model = AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True).eval()
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            expected = torch.load(folder + "/expected.pt")
+            with torch.no_grad():
+                torch.testing.assert_close(model(**expected["images"]).logits, expected["logits"])
+            print("remote-ok", name)
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path_factory.mktemp("modules")), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path_factory.mktemp("cwd"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("remote-ok") == len(folders) == 9
+    for name in ("queries.py", "layers.py", "kernels.py", "loss.py", "matching.py", "box_ops.py"):
+        assert (next(iter(folders.values())) + "/" + name) and os.path.isfile(os.path.join(next(iter(folders.values())), name)), name
+
+
+# ------------------------------------------------------------------------------------------ invariants
+
+
+def _copy_matching(source, target):
+    """Load `source`'s weights into `target` where the two have them (group 0 of grouped embeddings)."""
+    state = target.state_dict()
+    for name, value in source.state_dict().items():
+        if name in state:
+            state[name] = value[: state[name].shape[0]] if value.shape != state[name].shape else value
+    target.load_state_dict(state)
+
+
+@pytest.mark.parametrize("query_type", typing.get_args(QueryType))
+def test_group_zero_of_a_grouped_model_is_the_ungrouped_model(query_type, images):
+    """Groups attend only within themselves: group 0 of a 3-group model computes exactly what the
+    1-group model with its weights computes, in training too; at inference only group 0 exists."""
+    torch.manual_seed(0)
+    grouped = hf_detr.HfDetrForObjectDetection(tiny_config(query_type=query_type, num_query_groups=3))
+    single = hf_detr.HfDetrForObjectDetection(tiny_config(query_type=query_type))
+    _copy_matching(grouped, single)
+    for mode in ("eval", "train"):
+        grouped.train(mode == "train"), single.train(mode == "train")
+        with torch.no_grad():
+            a, b = grouped.model(**images), single.model(**images)
+        assert a.decoder_queries.num_groups == (3 if mode == "train" else 1)
+        assert a.intermediate_hidden_states.shape[2] == (30 if mode == "train" else 10)
+        torch.testing.assert_close(a.intermediate_hidden_states[:, :, :10], b.intermediate_hidden_states, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("query_type", typing.get_args(QueryType))
+def test_no_gradient_crosses_groups(query_type, images):
+    torch.manual_seed(0)
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type=query_type, num_query_groups=3)).train()
+    builder = model.model.queries
+    embedding = builder.anchor_embeddings if query_type == "anchor" else builder.position_embeddings
+    outputs = model.model(**images, box_head=model.bbox_predictor)
+    group_1 = outputs.intermediate_hidden_states[:, :, 10:20]
+    (grad,) = torch.autograd.grad(group_1.square().sum(), embedding.weight)
+    assert grad[10:20].abs().sum() > 0  # its own queries
+    assert grad[:10].abs().max() == 0 and grad[20:].abs().max() == 0  # nothing of group 0 or 2
+
+
+def test_denoising_queries_leak_nothing_to_matching_queries(images):
+    torch.manual_seed(0)
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor", num_denoising_queries=12)).train()
+    labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
+    outputs = model.model(**images, labels=labels, box_head=model.bbox_predictor)
+    queries = outputs.decoder_queries
+    assert queries.num_denoising == queries.denoising.num_groups * 3 == 12  # 12 // max 3 targets = 4 groups
+    matching = outputs.intermediate_hidden_states[:, :, queries.num_denoising :]
+    denoising = outputs.intermediate_hidden_states[:, :, : queries.num_denoising]
+    label_embeddings = model.model.queries.denoising.label_embeddings.weight
+    (grad,) = torch.autograd.grad(matching.square().sum(), label_embeddings, allow_unused=True, retain_graph=True)
+    assert grad is None or grad.abs().max() == 0
+    (grad,) = torch.autograd.grad(denoising.square().sum(), label_embeddings)
+    assert grad.abs().sum() > 0
+
+    # and the matching queries compute what a model without denoising queries computes
+    plain = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor")).train()
+    _copy_matching(model, plain)
+    with torch.no_grad():
+        expected = plain.model(**images, labels=labels, box_head=plain.bbox_predictor)
+    torch.testing.assert_close(matching.detach(), expected.intermediate_hidden_states, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_denoising_queries_are_none(images):
+    """A batch without targets makes no denoising queries; the model is then the plain model."""
+    torch.manual_seed(0)
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor", num_denoising_queries=12)).train()
+    plain = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor")).train()
+    _copy_matching(model, plain)
+    empty = [{"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    a, b = model(**images, labels=empty), plain(**images, labels=empty)
+    assert a.loss_dict.keys() == b.loss_dict.keys() and not any("_dn" in key for key in a.loss_dict)
+    torch.testing.assert_close(a.loss, b.loss)
+
+
+def test_denoising_queries_are_noised_ground_truth_within_bounds():
+    labels = random_labels([3, 0, 2], 5, torch.Generator().manual_seed(4))
+    exact = Denoising(num_labels=5, d_model=8, num_queries=6, label_noise=0.0, box_noise=0.0)
+    content, anchors, pairs = exact(labels, "cpu")
+    assert pairs.num_groups == 2 and content.shape == (3, 6, 8) and anchors.shape == (3, 6, 4)
+    for image, query, target in zip(pairs.image_idx.tolist(), pairs.query_idx.tolist(), pairs.target_idx.tolist()):
+        torch.testing.assert_close(anchors[image, query].sigmoid(), labels[image]["boxes"][target], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(content[image, query], exact.label_embeddings.weight[labels[image]["class_labels"][target]])
+    assert len(pairs.query_idx) == 2 * 5  # every target once per group; image 1's queries are padding
+
+    torch.manual_seed(0)
+    noisy = Denoising(num_labels=5, d_model=8, num_queries=600, label_noise=0.5, box_noise=0.4)
+    content, anchors, pairs = noisy(labels, "cpu")
+    truth = torch.cat([labels[i]["boxes"][t][None] for i, t in zip(pairs.image_idx.tolist(), pairs.target_idx.tolist())])
+    noised = anchors[pairs.image_idx, pairs.query_idx].sigmoid()
+    w_h = truth[:, 2:]
+    assert ((noised[:, :2] - truth[:, :2]).abs() <= 0.4 * w_h / 2 + 1e-4).all()
+    assert ((noised[:, 2:] >= w_h * 0.6 - 1e-4) & (noised[:, 2:] <= w_h * 1.4 + 1e-4)).all()
+    assert (noised - truth).abs().max() > 0.01
+    kept = (content[pairs.image_idx, pairs.query_idx][:, None, :] == noisy.label_embeddings.weight[None]).all(-1)
+    chosen = kept.float().argmax(-1)
+    true_classes = torch.cat([labels[i]["class_labels"][t][None] for i, t in zip(pairs.image_idx.tolist(), pairs.target_idx.tolist())])
+    changed = (chosen != true_classes).float().mean().item()
+    assert 0.3 < changed < 0.5  # replaced with probability 0.5 by one of 5 classes: 0.4 expected
+
+
+def test_group_attention_mask_blocks():
+    mask = group_attention_mask(num_groups=2, num_queries=3, num_denoising_groups=2, denoising_group_size=2)
+    assert mask.shape == (10, 10) and mask.diagonal().all()
+    denoising, group_0, group_1 = slice(0, 4), slice(4, 7), slice(7, 10)
+    assert not mask[group_0, denoising].any() and not mask[group_1, denoising].any()  # matching never sees denoising
+    assert not mask[group_0, group_1].any() and not mask[group_1, group_0].any()
+    assert mask[denoising, group_0].all() and not mask[denoising, group_1].any()
+    assert mask[0:2, 0:2].all() and not mask[0:2, 2:4].any()  # denoising groups apart
+    assert group_attention_mask(1, 5) is None
+
+
+def test_group_matching_is_optimal_per_group(generator):
+    """The criterion matches each group on its own: its box terms are the mean of each group's terms
+    with the group's queries alone, so each group's assignment is that group's optimal one."""
+    crit = hf_detr.SetCriterion(hf_detr.HungarianMatcher(), hf_detr.CLASS_LOSSES["focal"](4))
+    logits = torch.randn(2, 2, 3 * 6, 4, generator=generator)
+    boxes = torch.rand(2, 2, 3 * 6, 4, generator=generator) * 0.5 + 0.25
+    labels = random_labels([4, 2], 4, generator)
+    layout = hf_detr.queries.DecoderQueries(content=torch.zeros(2, 18, 8), num_groups=3)
+    _, grouped = crit(logits, boxes, labels, layout)
+    per_group = [crit(logits[:, :, 6 * g : 6 * g + 6], boxes[:, :, 6 * g : 6 * g + 6], labels)[1] for g in range(3)]
+    for key in ("loss_bbox", "loss_giou", "loss_bbox_0", "loss_ce", "loss_ce_0"):
+        torch.testing.assert_close(grouped[key], sum(d[key] for d in per_group) / 3)
+
+
+def test_look_forward_twice_changes_gradients_not_values(images):
+    torch.manual_seed(0)
+    once = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor")).train()
+    twice = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor", look_forward_twice=True)).train()
+    twice.load_state_dict(once.state_dict())
+    with torch.no_grad():  # trained-looking box heads, so that refinement moves the anchors
+        for model in (once, twice):
+            model.bbox_predictor.layers[-1].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
+    labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
+    a, b = once(**images, labels=labels), twice(**images, labels=labels)
+    torch.testing.assert_close(a.loss, b.loss)
+    # layer 1's boxes are relative to layer 0's refinement: detached, or not
+    for model, reaches in ((once, False), (twice, True)):
+        references = model.model(**images, box_head=model.bbox_predictor).reference_boxes
+        layer_0 = model.model.decoder.layers[0].mlp.fc2.weight
+        (grad,) = torch.autograd.grad(references[1].sum(), layer_0, allow_unused=True)
+        assert (grad is not None and grad.abs().sum() > 0) == reaches
+    a.loss.backward(), b.loss.backward()
+    grad_once = once.model.decoder.layers[0].mlp.fc2.weight.grad
+    grad_twice = twice.model.decoder.layers[0].mlp.fc2.weight.grad
+    assert not torch.allclose(grad_once, grad_twice)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(query_type="detr", num_denoising_queries=4), "num_denoising_queries"),
+        (dict(query_type="conditional", look_forward_twice=True), "look_forward_twice"),
+        (dict(class_loss="sigmoid"), "class_loss"),
+        (dict(matcher_type="greedy"), "matcher_type"),
+        (dict(num_query_groups=0), "num_query_groups"),
+        (dict(denoising_label_noise=1.5), "denoising_label_noise"),
+        (dict(focal_gamma=-1.0), "focal_gamma"),
+    ],
+)
+def test_combinations_that_cannot_work_are_refused_by_name(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**kwargs)
+
+
+def test_sigmoid_variants_save_the_top_k_processor(tmp_path):
+    config = tiny_config(class_loss="focal")
+    hf_detr.image_processor_for(config).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["image_processor_type"].startswith("ConditionalDetr")
+    softmax = tiny_config()
+    hf_detr.image_processor_for(softmax).save_pretrained(tmp_path / "softmax")
+    assert json.loads((tmp_path / "softmax" / "preprocessor_config.json").read_text())["image_processor_type"].startswith("DetrImage")
+    # the same preprocessing
+    from PIL import Image
+
+    image = Image.new("RGB", (90, 60), "red")
+    a = hf_detr.image_processor_for(config)(images=[image], return_tensors="pt")
+    b = hf_detr.image_processor_for(softmax)(images=[image], return_tensors="pt")
+    torch.testing.assert_close(a["pixel_values"], b["pixel_values"])
