@@ -21,7 +21,7 @@ transformers.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.backbone_utils import BackboneMixin
+from transformers import PreTrainedModel
 
 ENABLED = True
 
@@ -143,7 +143,9 @@ def apply_speed_kernels(model: nn.Module) -> nn.Module:
     """Switch the kernels on for a built model, in place (idempotent); returns the model."""
     fold_frozen_batch_norm(model)
     for module in model.modules():
-        if isinstance(module, BackboneMixin) and any(isinstance(m, nn.Conv2d) for m in module.modules()):
+        # a transformers backbone (BackboneMixin: `channels`, `out_features`) made of convolutions
+        is_backbone = isinstance(module, PreTrainedModel) and hasattr(module, "channels") and hasattr(module, "out_features")
+        if is_backbone and any(isinstance(m, nn.Conv2d) for m in module.modules()):
             if not getattr(module, "_channels_last_hook", None):
                 module._channels_last_hook = module.register_forward_pre_hook(_channels_last_input)
             if type(module).__name__ == "ResNetBackbone":

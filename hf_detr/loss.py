@@ -131,9 +131,9 @@ class SigmoidClassLoss(nn.Module):
     matching_cost = "focal"
     targets_iou = False
 
-    def __init__(self, num_labels: int, gamma: float = 2.0):
+    def __init__(self, num_labels: int, alpha: float, gamma: float = 2.0):
         super().__init__()
-        self.num_labels, self.gamma = num_labels, gamma
+        self.num_labels, self.alpha, self.gamma = num_labels, alpha, gamma
 
     def prepare(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float()
@@ -152,8 +152,7 @@ class SigmoidFocalLoss(SigmoidClassLoss):
     alpha_t (1 - p_t)^gamma, summed over queries and classes, over the number of target boxes."""
 
     def __init__(self, num_labels: int, alpha: float = 0.25, gamma: float = 2.0):
-        super().__init__(num_labels, gamma)
-        self.alpha = alpha
+        super().__init__(num_labels, alpha, gamma)
 
     @classmethod
     def from_config(cls, config) -> "SigmoidFocalLoss":
@@ -178,8 +177,7 @@ class IoUAwareLoss(SigmoidClassLoss):
     targets_iou = True
 
     def __init__(self, num_labels: int, alpha: float = 0.75, gamma: float = 2.0):
-        super().__init__(num_labels, gamma)
-        self.alpha = alpha
+        super().__init__(num_labels, alpha, gamma)
 
     @classmethod
     def from_config(cls, config) -> "IoUAwareLoss":

@@ -66,6 +66,8 @@ class HfDetrObjectDetectionOutput(ModelOutput):
     pred_boxes [B, Q, 4]: boxes as (center x, center y, width, height), normalised to 0..1 by the
         un-padded image size.
     auxiliary_outputs: [{"logits", "pred_boxes"}] for each intermediate decoder layer (auxiliary_loss).
+    reference_boxes [L, B, Q, 2 | 4]: per layer, the reference points / boxes its boxes are relative to
+        (query types with references; sigmoid space, cxcywh).
     Only the Q queries a model predicts with (query group 0) appear here, in training too.
     """
 
@@ -81,6 +83,7 @@ class HfDetrObjectDetectionOutput(ModelOutput):
     encoder_last_hidden_state: torch.Tensor | None = None
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    reference_boxes: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------- backbone
@@ -234,7 +237,7 @@ class HfDetrDecoder(nn.Module):
         hidden_states, reference, prediction_reference = queries.content, queries.reference, queries.reference
         outputs, references = [], []
         all_states, self_weights, cross_weights = (hidden_states,), (), ()
-        memory_key = memory + memory_position
+        memory_key = None if builder.spatial_cross_attention else memory + memory_position  # DETR's cross-attention keys
         memory_mask = None if memory_mask is None else memory_mask[:, None, None, :]
         for i, layer in enumerate(self.layers):
             query_position, spatial_query = builder.layer_positions(i, hidden_states, queries, reference)
@@ -434,8 +437,8 @@ class HfDetrForObjectDetection(HfDetrPreTrainedModel):
         if labels is not None:
             loss, loss_dict = self.criterion(all_logits, all_boxes, labels, outputs.decoder_queries)
         # what the model predicts with: query group 0, after any denoising queries
-        start = outputs.decoder_queries.num_denoising
-        all_logits, all_boxes = (x[:, :, start : start + self.config.num_queries] for x in (all_logits, all_boxes))
+        group_0 = slice(outputs.decoder_queries.num_denoising, outputs.decoder_queries.num_denoising + self.config.num_queries)
+        all_logits, all_boxes = all_logits[:, :, group_0], all_boxes[:, :, group_0]
         auxiliary_outputs = None
         if self.config.auxiliary_loss:
             auxiliary_outputs = [{"logits": logits, "pred_boxes": boxes} for logits, boxes in zip(all_logits[:-1], all_boxes[:-1])]
@@ -453,6 +456,7 @@ class HfDetrForObjectDetection(HfDetrPreTrainedModel):
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
             encoder_attentions=outputs.encoder_attentions,
+            reference_boxes=None if outputs.reference_boxes is None else outputs.reference_boxes[:, :, group_0],
         )
         return output if return_dict else output.to_tuple()
 

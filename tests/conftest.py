@@ -54,3 +54,14 @@ def random_labels(batch_sizes, num_labels, generator=None):
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def inputs():
+    """Two images, the second padded at the bottom and on the right."""
+    torch.manual_seed(1)
+    pixel_values = torch.randn(2, 3, 64, 96)
+    pixel_mask = torch.ones(2, 64, 96, dtype=torch.long)
+    pixel_mask[1, 40:] = 0
+    pixel_mask[1, :, 64:] = 0
+    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask}

@@ -14,16 +14,6 @@ def model():
     return hf_detr.HfDetrForObjectDetection(tiny_config()).eval()
 
 
-@pytest.fixture
-def inputs():
-    torch.manual_seed(1)
-    pixel_values = torch.randn(2, 3, 64, 96)
-    pixel_mask = torch.ones(2, 64, 96, dtype=torch.long)
-    pixel_mask[1, 40:] = 0
-    pixel_mask[1, :, 64:] = 0
-    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
-
-
 # ---- speed: the frozen batch norm folded into its convolution (same numbers, same state dict)
 
 

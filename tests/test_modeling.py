@@ -18,16 +18,6 @@ def model():
 
 
 @pytest.fixture
-def inputs():
-    torch.manual_seed(1)
-    pixel_values = torch.randn(2, 3, 64, 96)
-    pixel_mask = torch.ones(2, 64, 96, dtype=torch.long)
-    pixel_mask[1, 40:] = 0  # second image padded at the bottom and right
-    pixel_mask[1, :, 64:] = 0
-    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
-
-
-@pytest.fixture
 def checkpoint(tmp_path, model):
     model.config.id2label = {0: "circle", 1: "square", 2: "triangle", 3: "star", 4: "cross"}
     model.config.label2id = {v: k for k, v in model.config.id2label.items()}
@@ -60,14 +50,25 @@ def test_forward_creates_nothing_on_the_cpu_for_another_device(model, inputs):
     assert model(**meta).pred_boxes.shape == (2, 10, 4)
 
 
-def test_heads_are_shared_across_decoder_layers(model, inputs):
+@pytest.mark.parametrize("query_type", sorted(hf_detr.QUERY_BUILDERS))
+def test_heads_are_shared_across_decoder_layers(query_type, inputs):
+    """Every layer's logits and boxes are the same two heads on that layer's output, the boxes relative
+    to that layer's reference points / boxes (none for DETR's queries)."""
+    torch.manual_seed(0)
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type=query_type)).eval()
     with torch.no_grad():
-        base = model.model(**inputs)
+        torch.nn.init.normal_(model.bbox_predictor.layers[-1].weight, std=0.1)  # refinements that move the boxes
+        base = model.model(**inputs, box_head=model.bbox_predictor)
         out = model(**inputs)
-    for layer, aux in enumerate(out.auxiliary_outputs):
-        hidden = base.intermediate_hidden_states[layer]
-        torch.testing.assert_close(aux["logits"], model.class_labels_classifier(hidden))
-        torch.testing.assert_close(aux["pred_boxes"], model.bbox_predictor(hidden))
+        layers = [*out.auxiliary_outputs, {"logits": out.logits, "pred_boxes": out.pred_boxes}]
+        for layer, predicted in enumerate(layers):
+            hidden = base.intermediate_hidden_states[layer]
+            reference = None if base.reference_boxes is None else base.reference_boxes[layer]
+            torch.testing.assert_close(predicted["logits"], model.class_labels_classifier(hidden))
+            torch.testing.assert_close(predicted["pred_boxes"], model.bbox_predictor(hidden, reference))
+    assert (out.reference_boxes is None) == (query_type == "detr")
+    if query_type == "anchor":  # refined: each layer's anchors differ from the last's
+        assert not torch.allclose(base.reference_boxes[1], base.reference_boxes[0])
 
 
 def test_auxiliary_loss_does_not_change_the_final_prediction(model, inputs):

@@ -47,17 +47,8 @@ def test_the_dicts_are_the_config_literals():
     assert len(COMBINATIONS) == 3 * 3 * 2 + 3 * 2  # denoising with anchor queries only
 
 
-@pytest.fixture
-def images():
-    torch.manual_seed(1)
-    pixel_values = torch.randn(2, 3, 64, 96)
-    pixel_mask = torch.ones(2, 64, 96, dtype=torch.long)
-    pixel_mask[1, 40:] = 0
-    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
-
-
 @pytest.mark.parametrize("kwargs", COMBINATIONS, ids=IDS)
-def test_variant_contract(kwargs, images, tmp_path):
+def test_variant_contract(kwargs, inputs, tmp_path):
     torch.manual_seed(0)
     config = tiny_config(**kwargs)
     model = hf_detr.HfDetrForObjectDetection(config)
@@ -66,14 +57,14 @@ def test_variant_contract(kwargs, images, tmp_path):
     # inference: group 0 only, no denoising queries
     model.eval()
     with torch.no_grad():
-        out = model(**images)
+        out = model(**inputs)
     assert out.logits.shape == (2, 10, num_classes) and out.pred_boxes.shape == (2, 10, 4)
     assert ((out.pred_boxes >= 0) & (out.pred_boxes <= 1)).all() and len(out.auxiliary_outputs) == 2
 
     # one training step: a finite loss whose gradients reach the query builder's parameters
     model.train()
     labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
-    train_out = model(**images, labels=labels)
+    train_out = model(**inputs, labels=labels)
     assert train_out.logits.shape == (2, 10, num_classes) and torch.isfinite(train_out.loss)
     suffixes = ("", "_dn") if kwargs["num_denoising_queries"] else ("",)
     expected_keys = {f"{n}{s}{i}" for n in ("loss_ce", "loss_bbox", "loss_giou") for s in suffixes for i in ("", "_0", "_1")}
@@ -88,7 +79,7 @@ def test_variant_contract(kwargs, images, tmp_path):
     hf_detr.image_processor_for(config, size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(tmp_path)
     loaded = hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        reloaded = loaded(**images)
+        reloaded = loaded(**inputs)
     torch.testing.assert_close(reloaded.logits, out.logits)
     torch.testing.assert_close(reloaded.pred_boxes, out.pred_boxes)
 
@@ -101,7 +92,7 @@ def test_variant_contract(kwargs, images, tmp_path):
     assert len(detections) == expected_count
 
 
-def test_every_variant_loads_as_remote_code_without_hf_detr(tmp_path_factory, images):
+def test_every_variant_loads_as_remote_code_without_hf_detr(tmp_path_factory, inputs):
     """One process that cannot import hf_detr loads each query type x class loss checkpoint with
     trust_remote_code and reproduces its outputs."""
     folders = {}
@@ -111,7 +102,7 @@ def test_every_variant_loads_as_remote_code_without_hf_detr(tmp_path_factory, im
         folder = tmp_path_factory.mktemp(f"{query_type}-{class_loss}")
         model.save_pretrained(folder)
         with torch.no_grad():
-            torch.save({"images": images, "logits": model(**images).logits}, folder / "expected.pt")
+            torch.save({"inputs": inputs, "logits": model(**inputs).logits}, folder / "expected.pt")
         folders[f"{query_type}/{class_loss}"] = str(folder)
     script = textwrap.dedent(
         f"""
@@ -124,7 +115,7 @@ def test_every_variant_loads_as_remote_code_without_hf_detr(tmp_path_factory, im
             assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
             expected = torch.load(folder + "/expected.pt")
             with torch.no_grad():
-                torch.testing.assert_close(model(**expected["images"]).logits, expected["logits"])
+                torch.testing.assert_close(model(**expected["inputs"]).logits, expected["logits"])
             print("remote-ok", name)
         """
     )
@@ -149,7 +140,7 @@ def _copy_matching(source, target):
 
 
 @pytest.mark.parametrize("query_type", typing.get_args(QueryType))
-def test_group_zero_of_a_grouped_model_is_the_ungrouped_model(query_type, images):
+def test_group_zero_of_a_grouped_model_is_the_ungrouped_model(query_type, inputs):
     """Groups attend only within themselves: group 0 of a 3-group model computes exactly what the
     1-group model with its weights computes, in training too; at inference only group 0 exists."""
     torch.manual_seed(0)
@@ -159,30 +150,30 @@ def test_group_zero_of_a_grouped_model_is_the_ungrouped_model(query_type, images
     for mode in ("eval", "train"):
         grouped.train(mode == "train"), single.train(mode == "train")
         with torch.no_grad():
-            a, b = grouped.model(**images), single.model(**images)
+            a, b = grouped.model(**inputs), single.model(**inputs)
         assert a.decoder_queries.num_groups == (3 if mode == "train" else 1)
         assert a.intermediate_hidden_states.shape[2] == (30 if mode == "train" else 10)
         torch.testing.assert_close(a.intermediate_hidden_states[:, :, :10], b.intermediate_hidden_states, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("query_type", typing.get_args(QueryType))
-def test_no_gradient_crosses_groups(query_type, images):
+def test_no_gradient_crosses_groups(query_type, inputs):
     torch.manual_seed(0)
     model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type=query_type, num_query_groups=3)).train()
     builder = model.model.queries
     embedding = builder.anchor_embeddings if query_type == "anchor" else builder.position_embeddings
-    outputs = model.model(**images, box_head=model.bbox_predictor)
+    outputs = model.model(**inputs, box_head=model.bbox_predictor)
     group_1 = outputs.intermediate_hidden_states[:, :, 10:20]
     (grad,) = torch.autograd.grad(group_1.square().sum(), embedding.weight)
     assert grad[10:20].abs().sum() > 0  # its own queries
     assert grad[:10].abs().max() == 0 and grad[20:].abs().max() == 0  # nothing of group 0 or 2
 
 
-def test_denoising_queries_leak_nothing_to_matching_queries(images):
+def test_denoising_queries_leak_nothing_to_matching_queries(inputs):
     torch.manual_seed(0)
     model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor", num_denoising_queries=12)).train()
     labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
-    outputs = model.model(**images, labels=labels, box_head=model.bbox_predictor)
+    outputs = model.model(**inputs, labels=labels, box_head=model.bbox_predictor)
     queries = outputs.decoder_queries
     assert queries.num_denoising == queries.denoising.num_groups * 3 == 12  # 12 // max 3 targets = 4 groups
     matching = outputs.intermediate_hidden_states[:, :, queries.num_denoising :]
@@ -197,18 +188,18 @@ def test_denoising_queries_leak_nothing_to_matching_queries(images):
     plain = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor")).train()
     _copy_matching(model, plain)
     with torch.no_grad():
-        expected = plain.model(**images, labels=labels, box_head=plain.bbox_predictor)
+        expected = plain.model(**inputs, labels=labels, box_head=plain.bbox_predictor)
     torch.testing.assert_close(matching.detach(), expected.intermediate_hidden_states, rtol=1e-5, atol=1e-5)
 
 
-def test_zero_denoising_queries_are_none(images):
+def test_zero_denoising_queries_are_none(inputs):
     """A batch without targets makes no denoising queries; the model is then the plain model."""
     torch.manual_seed(0)
     model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor", num_denoising_queries=12)).train()
     plain = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor")).train()
     _copy_matching(model, plain)
     empty = [{"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
-    a, b = model(**images, labels=empty), plain(**images, labels=empty)
+    a, b = model(**inputs, labels=empty), plain(**inputs, labels=empty)
     assert a.loss_dict.keys() == b.loss_dict.keys() and not any("_dn" in key for key in a.loss_dict)
     torch.testing.assert_close(a.loss, b.loss)
 
@@ -264,7 +255,7 @@ def test_group_matching_is_optimal_per_group(generator):
         torch.testing.assert_close(grouped[key], sum(d[key] for d in per_group) / 3)
 
 
-def test_look_forward_twice_changes_gradients_not_values(images):
+def test_look_forward_twice_changes_gradients_not_values(inputs):
     torch.manual_seed(0)
     once = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor")).train()
     twice = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor", look_forward_twice=True)).train()
@@ -273,11 +264,11 @@ def test_look_forward_twice_changes_gradients_not_values(images):
         for model in (once, twice):
             model.bbox_predictor.layers[-1].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
     labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
-    a, b = once(**images, labels=labels), twice(**images, labels=labels)
+    a, b = once(**inputs, labels=labels), twice(**inputs, labels=labels)
     torch.testing.assert_close(a.loss, b.loss)
     # layer 1's boxes are relative to layer 0's refinement: detached, or not
     for model, reaches in ((once, False), (twice, True)):
-        references = model.model(**images, box_head=model.bbox_predictor).reference_boxes
+        references = model.model(**inputs, box_head=model.bbox_predictor).reference_boxes
         layer_0 = model.model.decoder.layers[0].mlp.fc2.weight
         (grad,) = torch.autograd.grad(references[1].sum(), layer_0, allow_unused=True)
         assert (grad is not None and grad.abs().sum() > 0) == reaches
