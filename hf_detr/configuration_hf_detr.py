@@ -62,8 +62,10 @@ class HfDetrConfig(PreTrainedConfig):
     normalize_before: bool = False  # pre-norm layers (DETR's --pre_norm); the paper's model is post-norm
     position_embedding_temperature: int = 10000  # sine position embedding of the feature map (DAB-DETR: 20)
     scale_encoder_positions: bool = False  # DAB-DETR's encoder: each layer scales the positions by an MLP of its input
-    init_std: float = 0.02
-    init_xavier_std: float = 1.0
+    init_xavier_std: float = 1.0  # gain of the xavier-uniform init of the attention and FFN weights
+    # transformers' DETR / Conditional DETR with auxiliary losses: each decoder layer gets the previous
+    # one's output through the shared norm (the original DETR norms what goes to the heads only)
+    normalize_between_decoder_layers: bool = False
     is_encoder_decoder: bool = True
 
     # --- queries --------------------------------------------------------------------------------

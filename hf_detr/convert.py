@@ -140,10 +140,12 @@ def config_from_detr_config(detr_config, eos_coefficient: bool = True, **overrid
     same = [
         "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
         "encoder_ffn_dim", "decoder_ffn_dim", "activation_function", "dropout", "attention_dropout",
-        "activation_dropout", "init_std", "init_xavier_std", "num_queries", "auxiliary_loss",
+        "activation_dropout", "init_xavier_std", "num_queries", "auxiliary_loss",
     ] + ["d_model"] * ("d_model" not in overrides) + ["eos_coefficient"] * eos_coefficient  # fmt: skip
     kwargs = {name: getattr(detr_config, name) for name in same}
     kwargs["num_channels"] = getattr(detr_config, "num_channels", 3)
+    # transformers' DETR and Conditional DETR feed normed states between decoder layers with auxiliary losses
+    kwargs["normalize_between_decoder_layers"] = detr_config.model_type != "dab-detr" and detr_config.auxiliary_loss
     kwargs.update({name: float(getattr(detr_config, name)) for name in ("class_cost", "bbox_cost", "giou_cost")})
     kwargs.update({name: float(getattr(detr_config, name)) for name in ("bbox_loss_coefficient", "giou_loss_coefficient")})
     kwargs.update({name: float(kwargs[name]) for name in ("dropout", "attention_dropout", "activation_dropout")})

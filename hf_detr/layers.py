@@ -1,6 +1,9 @@
 """The transformer's building blocks: multi-head attention (one path: `attend`), the feed-forward
 block, a small MLP, and the encoder and decoder layers.
 
+Attention runs through transformers' attention interface (`config._attn_implementation`: "sdpa" by
+default, or "eager", this file's `eager_attention`, which also gives the probabilities).
+
 Positions never reach the values (DETR sec. A.3). They reach queries and keys in one of three ways:
 - added before the shared projections, q = W_q (x + p) (DETR: `HfDetrAttention`, its callers add them);
 - projected on their own, q = W_q x + W_q' p (Conditional DETR, DAB-DETR decoder self-attention:
@@ -11,38 +14,42 @@ Positions never reach the values (DETR sec. A.3). They reach queries and keys in
 This file is part of the model surface (saved next to config.json): it imports only torch and transformers.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
-def attend(q, k, v, mask=None, dropout: float = 0.0, training: bool = False, output_attentions: bool = False):
-    """Scaled dot-product attention, scale 1 / sqrt(q's head size).
+def eager_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """The explicit attention path, with the probabilities: transformers' attention interface (its "eager";
+    `sdpa` and the others come from transformers' ALL_ATTENTION_FUNCTIONS).
 
-    q [B, H, T, E], k [B, H, S, E], v [B, H, S, Ev]; mask: bool, True where a query may attend, broadcast
-    to [B, H, T, S] ([B, 1, 1, S] key padding, [T, T] between queries), or None
-    -> (output [B, H, T, Ev], attention probabilities [B, H, T, S] if output_attentions else None)."""
-    dropout = dropout if training else 0.0
-    if not output_attentions:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
-    # SDPA does not return the probabilities; compute them once and use them for the output too.
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    query [B, H, T, E], key [B, H, S, E], value [B, H, S, Ev]; attention_mask: bool, True where a query
+    may attend, broadcast to [B, H, T, S] ([B, 1, 1, S] key padding, [T, T] between queries), or None
+    -> (output [B, T, H, Ev], probabilities [B, H, T, S])."""
+    scores = (query @ key.transpose(-2, -1)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
     weights = scores.softmax(-1)
-    return F.dropout(weights, dropout, training) @ v, weights
+    output = F.dropout(weights, dropout, module.training) @ value
+    return output.transpose(1, 2), weights
 
 
 class HfDetrAttention(nn.Module):
     """Multi-head attention over given queries, keys and values (positions already added by the
-    caller to what becomes queries and keys). mask: see `attend`."""
+    caller to what becomes queries and keys). mask: see `eager_attention`.
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float):
+    config: the model's config, read at call time for `_attn_implementation` ("sdpa" by default,
+    "eager"; transformers' attention interface). The probabilities (`output_attentions`) always come
+    from the eager path."""
+
+    is_causal = False
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float, config=None):
         super().__init__()
-        self.num_heads, self.head_dim, self.dropout = num_heads, d_model // num_heads, dropout
+        self.num_heads, self.head_dim, self.dropout, self.config = num_heads, d_model // num_heads, dropout, config
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
@@ -53,9 +60,12 @@ class HfDetrAttention(nn.Module):
         return x.view(*x.shape[:2], self.num_heads, -1).transpose(1, 2)
 
     def attend(self, q, k, v, mask, output_attentions):
-        """Head-split q, k, v -> (o_proj of the merged heads [B, T, D], weights or None)."""
-        output, weights = attend(q, k, v, mask, self.dropout, self.training, output_attentions)
-        return self.o_proj(output.transpose(1, 2).flatten(2)), weights
+        """Head-split q, k, v -> (o_proj of the merged heads [B, T, D], weights or None); scale 1 / sqrt(q's head size)."""
+        implementation = "eager" if output_attentions else getattr(self.config, "_attn_implementation", None) or "sdpa"
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        dropout = self.dropout if self.training else 0.0
+        output, weights = attention(self, q, k, v, mask, scaling=q.shape[-1] ** -0.5, dropout=dropout, is_causal=False)
+        return self.o_proj(output.flatten(2)), weights
 
     def forward(self, query, key, value, mask=None, output_attentions=False):
         """query [B, T, D], key and value [B, S, D] -> (output [B, T, D], weights [B, heads, T, S] or None)."""
@@ -67,8 +77,8 @@ class PositionProjectedAttention(HfDetrAttention):
     """Self-attention whose positions have projections of their own: q = W_q x + W_q' p,
     k = W_k x + W_k' p, v = W_v x (Conditional DETR and DAB-DETR's decoder self-attention)."""
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float):
-        super().__init__(d_model, num_heads, dropout)
+    def __init__(self, d_model: int, num_heads: int, dropout: float, config=None):
+        super().__init__(d_model, num_heads, dropout, config)
         self.q_pos_proj = nn.Linear(d_model, d_model)
         self.k_pos_proj = nn.Linear(d_model, d_model)
 
@@ -86,8 +96,8 @@ class SpatialCrossAttention(HfDetrAttention):
     product (scale 1 / sqrt(2 * head size)). In the first layer the query position and memory positions
     are also added to the content parts, as in DETR (`first_layer`)."""
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float, first_layer: bool):
-        super().__init__(d_model, num_heads, dropout)
+    def __init__(self, d_model: int, num_heads: int, dropout: float, first_layer: bool, config=None):
+        super().__init__(d_model, num_heads, dropout, config)
         self.k_pos_proj = nn.Linear(d_model, d_model)
         self.q_sine_proj = nn.Linear(d_model, d_model)
         self.q_pos_proj = nn.Linear(d_model, d_model) if first_layer else None
@@ -131,8 +141,10 @@ class MLP(nn.Module):
         return self.layers[-1](x)
 
 
-class _Residual(nn.Module):
-    """The layers' residual blocks: x + dropout(f(x)), the norm after (post-norm, the paper's) or before."""
+class _Residual(GradientCheckpointingLayer):
+    """The layers' residual blocks: x + dropout(f(x)), the norm after (post-norm, the paper's) or before.
+    A transformers GradientCheckpointingLayer: `model.gradient_checkpointing_enable()` recomputes the
+    layer in the backward instead of keeping its activations."""
 
     def block(self, norm, hidden_states, compute):
         inner = norm(hidden_states) if self.normalize_before else hidden_states
@@ -147,7 +159,7 @@ class HfDetrEncoderLayer(_Residual):
     def __init__(self, config):
         super().__init__()
         d = config.d_model
-        self.self_attn = HfDetrAttention(d, config.encoder_attention_heads, config.attention_dropout)
+        self.self_attn = HfDetrAttention(d, config.encoder_attention_heads, config.attention_dropout, config)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.mlp = HfDetrMLP(d, config.encoder_ffn_dim, config.activation_function, config.activation_dropout)
         self.final_layer_norm = nn.LayerNorm(d)
@@ -178,11 +190,11 @@ class HfDetrDecoderLayer(_Residual):
         d, heads, dropout = config.d_model, config.decoder_attention_heads, config.attention_dropout
         self.spatial_cross_attention = spatial_cross_attention
         if spatial_cross_attention:
-            self.self_attn = PositionProjectedAttention(d, heads, dropout)
-            self.encoder_attn = SpatialCrossAttention(d, heads, dropout, first_layer)
+            self.self_attn = PositionProjectedAttention(d, heads, dropout, config)
+            self.encoder_attn = SpatialCrossAttention(d, heads, dropout, first_layer, config)
         else:
-            self.self_attn = HfDetrAttention(d, heads, dropout)
-            self.encoder_attn = HfDetrAttention(d, heads, dropout)
+            self.self_attn = HfDetrAttention(d, heads, dropout, config)
+            self.encoder_attn = HfDetrAttention(d, heads, dropout, config)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.encoder_attn_layer_norm = nn.LayerNorm(d)
         self.mlp = HfDetrMLP(d, config.decoder_ffn_dim, config.activation_function, config.activation_dropout)

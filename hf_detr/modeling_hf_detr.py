@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 from .box_ops import inverse_sigmoid
 from .configuration_hf_detr import HfDetrConfig
 from .kernels import apply_speed_kernels, padding_mask_or_none
-from .layers import MLP, HfDetrDecoderLayer, HfDetrEncoderLayer
+from .layers import MLP, HfDetrAttention, HfDetrDecoderLayer, HfDetrEncoderLayer, HfDetrMLP
 from .loss import CLASS_LOSSES, SetCriterion, check_labels
 from .matching import MATCHERS
 from .queries import QUERY_BUILDERS, DecoderQueries
@@ -36,23 +36,26 @@ from .queries import QUERY_BUILDERS, DecoderQueries
 
 @dataclass
 class HfDetrModelOutput(ModelOutput):
-    """last_hidden_state [B, Q, D]: the final decoder layer, normalised, for the Q queries a model predicts with.
-    intermediate_hidden_states [L, B, T, D]: every decoder layer's output through the shared final norm,
-    for all T queries of the pass (see `decoder_queries`).
-    reference_boxes [L, B, T, 2 | 4]: per layer, the reference points (cx, cy) or boxes (cxcywh) its
-    boxes are predicted relative to (sigmoid space); None for queries without references.
-    decoder_queries: the layout of the T queries (groups, denoising queries) and the decoder's start.
-    encoder_last_hidden_state [B, h*w, D]. Hidden states and attentions on request, one entry per layer."""
+    """The layout of transformers' `DetrModelOutput`, then hf_detr's own fields.
+
+    last_hidden_state [B, Q, D]: the final decoder layer, normalised, for the Q queries a model predicts with.
+    encoder_last_hidden_state [B, h*w, D]. Hidden states and attentions on request, one entry per layer.
+    intermediate_hidden_states [L, B, T, D] (with `output_intermediate_hidden_states`, by default when
+        config.auxiliary_loss): every decoder layer's output through the shared final norm, for all T
+        queries of the pass (query groups and denoising queries in training: see `decoder_queries`).
+    reference_boxes [L, B, T, 2 | 4] (with intermediate_hidden_states, for queries with references): per
+        layer, the reference points (cx, cy) or boxes (cxcywh) its boxes are predicted relative to.
+    decoder_queries (with `output_decoder_queries`): the decoder's start and the layout of the T queries."""
 
     last_hidden_state: torch.Tensor | None = None
-    intermediate_hidden_states: torch.Tensor | None = None
-    reference_boxes: torch.Tensor | None = None
     decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     decoder_attentions: tuple[torch.Tensor, ...] | None = None
     cross_attentions: tuple[torch.Tensor, ...] | None = None
     encoder_last_hidden_state: torch.Tensor | None = None
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    intermediate_hidden_states: torch.Tensor | None = None
+    reference_boxes: torch.Tensor | None = None
     decoder_queries: DecoderQueries | None = None
 
 
@@ -65,7 +68,8 @@ class HfDetrObjectDetectionOutput(ModelOutput):
         loss, C = num_labels (one sigmoid each) for the sigmoid ones.
     pred_boxes [B, Q, 4]: boxes as (center x, center y, width, height), normalised to 0..1 by the
         un-padded image size.
-    auxiliary_outputs: [{"logits", "pred_boxes"}] for each intermediate decoder layer (auxiliary_loss).
+    auxiliary_outputs: [{"logits", "pred_boxes"}] for each intermediate decoder layer (auxiliary_loss,
+        with labels, as in transformers' DETR: the pipeline splits every output field by image).
     reference_boxes [L, B, Q, 2 | 4]: per layer, the reference points / boxes its boxes are relative to
         (query types with references; sigmoid space, cxcywh).
     Only the Q queries a model predicts with (query group 0) appear here, in training too.
@@ -222,6 +226,7 @@ class HfDetrDecoder(nn.Module):
             HfDetrDecoderLayer(config, spatial_cross_attention, first_layer=i == 0) for i in range(config.decoder_layers)
         )
         self.layernorm = nn.LayerNorm(config.d_model)  # shared by all layers' outputs before the heads
+        self.normalize_between_layers = config.normalize_between_decoder_layers
 
     def forward(
         self, builder, queries: DecoderQueries, memory, memory_position, memory_mask, box_head=None,
@@ -233,7 +238,9 @@ class HfDetrDecoder(nn.Module):
         references its boxes are relative to [L, B, T, r] or None, states, self- and cross-attentions).
 
         As in the original DETR, the norm is applied to what goes to the heads only; each layer
-        receives the previous layer's un-normalised output."""
+        receives the previous layer's un-normalised output. With `normalize_between_decoder_layers`
+        (transformers' DETR and Conditional DETR with auxiliary losses), each layer receives the normed
+        output and the last output is normed twice."""
         hidden_states, reference, prediction_reference = queries.content, queries.reference, queries.reference
         outputs, references = [], []
         all_states, self_weights, cross_weights = (hidden_states,), (), ()
@@ -246,11 +253,15 @@ class HfDetrDecoder(nn.Module):
                 queries.self_attention_mask, output_attentions,
             )  # fmt: skip
             outputs.append(self.layernorm(hidden_states))
+            if self.normalize_between_layers:
+                hidden_states = outputs[-1]
             references.append(prediction_reference)
             reference, prediction_reference = builder.refine(i, hidden_states, reference, box_head)
             all_states += (hidden_states,)
             self_weights += (self_w,)
             cross_weights += (cross_w,)
+        if self.normalize_between_layers:
+            outputs[-1] = self.layernorm(outputs[-1])
         references = torch.stack(references) if queries.reference is not None else None
         attentions = (self_weights, cross_weights) if output_attentions else (None, None)
         return torch.stack(outputs), references, all_states if output_hidden_states else None, *attentions
@@ -291,6 +302,8 @@ class HfDetrPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["HfDetrEncoderLayer", "HfDetrDecoderLayer"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
 
     def post_init(self):
         super().post_init()
@@ -301,29 +314,38 @@ class HfDetrPreTrainedModel(PreTrainedModel):
         self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers skips the modules without parameters of their own in custom code (whose init might
+        # write loaded weights in place, unguarded); this `_init_weights` uses torch's init functions, which
+        # transformers' guard keeps off loaded weights, so every module gets its call.
+        super()._initialize_weights(module, is_custom_code=False)
+
     @torch.no_grad()
     def _init_weights(self, module):
-        # DETR's init: xavier-uniform transformer weights, torch's default for the heads, the input
-        # projection and the query builders' modules (each module's own `reset_parameters`: a builder owns
-        # its init through the modules it is made of); the backbone keeps its own init (or weights).
-        # transformers calls this for the modules whose weights a checkpoint lacks (e.g. a class head
-        # resized by `ignore_mismatched_sizes`), and its guard keeps torch's init functions from touching
-        # loaded ones.
-        # (transformers calls it for modules with parameters of their own only: hence the leaf checks.)
+        # DETR's init: xavier-uniform transformer weights (gain `init_xavier_std`) with zero biases, torch's
+        # default for the heads, the input projection and the query builders' modules (each module's own
+        # `reset_parameters`: a builder owns its init through the modules it is made of); the backbone
+        # keeps its own init (or weights). transformers calls this for every module whose weights a
+        # checkpoint lacks (e.g. a class head resized by `ignore_mismatched_sizes`), children before parents.
         if isinstance(module, nn.Linear | nn.Conv2d | nn.Embedding):
             module.reset_parameters()
-        if isinstance(module, nn.LayerNorm):
+        elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, HfDetrAttention | HfDetrMLP):
+            for linear in module.children():
+                if isinstance(linear, nn.Linear):
+                    nn.init.xavier_uniform_(linear.weight, gain=self.config.init_xavier_std)
+                    nn.init.zeros_(linear.bias)
         elif isinstance(module, SetCriterion):
             module.reset_buffers()
-        elif isinstance(self, HfDetrForObjectDetection):
-            if module is self.class_labels_classifier and self.criterion.class_loss.sigmoid:
+        elif isinstance(module, HfDetrForObjectDetection):
+            if module.criterion.class_loss.sigmoid:
                 prior = FOCAL_PRIOR_PROBABILITY
-                nn.init.constant_(module.bias, -math.log((1 - prior) / prior))
-            if module is self.bbox_predictor.layers[-1] and self.model.queries.reference_size:
-                nn.init.zeros_(module.weight)  # the first boxes are the references themselves
-                nn.init.zeros_(module.bias)
+                nn.init.constant_(module.class_labels_classifier.bias, -math.log((1 - prior) / prior))
+            if module.model.queries.reference_size:  # the first boxes are the references themselves
+                nn.init.zeros_(module.bbox_predictor.layers[-1].weight)
+                nn.init.zeros_(module.bbox_predictor.layers[-1].bias)
 
 
 class HfDetrModel(HfDetrPreTrainedModel):
@@ -348,11 +370,15 @@ class HfDetrModel(HfDetrPreTrainedModel):
         return_dict: bool | None = None,
         labels: list[dict] | None = None,
         box_head: nn.Module | None = None,
+        output_intermediate_hidden_states: bool | None = None,
+        output_decoder_queries: bool = False,
         **kwargs,
     ) -> HfDetrModelOutput | tuple:
         """labels: the targets, for builders that make denoising queries from them in training;
         box_head: the shared box head, for builders that refine their references with it (given by
-        HfDetrForObjectDetection; without it, anchors are not refined)."""
+        HfDetrForObjectDetection; without it, anchors are not refined);
+        output_intermediate_hidden_states (default: config.auxiliary_loss) and output_decoder_queries:
+        see HfDetrModelOutput."""
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -370,17 +396,19 @@ class HfDetrModel(HfDetrPreTrainedModel):
             self.queries, queries, memory, position, mask, box_head, output_attentions, output_hidden_states
         )
 
+        if output_intermediate_hidden_states is None:
+            output_intermediate_hidden_states = self.config.auxiliary_loss
         output = HfDetrModelOutput(
             last_hidden_state=decoded[-1, :, queries.num_denoising :][:, : self.config.num_queries],
-            intermediate_hidden_states=decoded,
-            reference_boxes=references,
             decoder_hidden_states=decoder_states,
             decoder_attentions=self_attentions,
             cross_attentions=cross_attentions,
             encoder_last_hidden_state=memory,
             encoder_hidden_states=encoder_states,
             encoder_attentions=encoder_attentions,
-            decoder_queries=queries,
+            intermediate_hidden_states=decoded if output_intermediate_hidden_states else None,
+            reference_boxes=references if output_intermediate_hidden_states else None,
+            decoder_queries=queries if output_decoder_queries else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -422,8 +450,8 @@ class HfDetrForObjectDetection(HfDetrPreTrainedModel):
         if labels is not None:
             check_labels(labels, self.config.num_labels)  # before any query is made from them
         outputs = self.model(
-            pixel_values, pixel_mask, output_attentions, output_hidden_states, return_dict=True,
-            labels=labels, box_head=self.bbox_predictor,
+            pixel_values, pixel_mask, output_attentions, output_hidden_states, return_dict=True, labels=labels,
+            box_head=self.bbox_predictor, output_intermediate_hidden_states=True, output_decoder_queries=True,
         )  # fmt: skip
 
         # the same heads on every decoder layer: [L, B, T, C] and [L, B, T, 4]
@@ -440,7 +468,7 @@ class HfDetrForObjectDetection(HfDetrPreTrainedModel):
         group_0 = slice(outputs.decoder_queries.num_denoising, outputs.decoder_queries.num_denoising + self.config.num_queries)
         all_logits, all_boxes = all_logits[:, :, group_0], all_boxes[:, :, group_0]
         auxiliary_outputs = None
-        if self.config.auxiliary_loss:
+        if self.config.auxiliary_loss and labels is not None:
             auxiliary_outputs = [{"logits": logits, "pred_boxes": boxes} for logits, boxes in zip(all_logits[:-1], all_boxes[:-1])]
 
         output = HfDetrObjectDetectionOutput(

@@ -59,13 +59,14 @@ def test_variant_contract(kwargs, inputs, tmp_path):
     with torch.no_grad():
         out = model(**inputs)
     assert out.logits.shape == (2, 10, num_classes) and out.pred_boxes.shape == (2, 10, 4)
-    assert ((out.pred_boxes >= 0) & (out.pred_boxes <= 1)).all() and len(out.auxiliary_outputs) == 2
+    assert ((out.pred_boxes >= 0) & (out.pred_boxes <= 1)).all() and out.auxiliary_outputs is None
 
     # one training step: a finite loss whose gradients reach the query builder's parameters
     model.train()
     labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
     train_out = model(**inputs, labels=labels)
     assert train_out.logits.shape == (2, 10, num_classes) and torch.isfinite(train_out.loss)
+    assert [aux["logits"].shape for aux in train_out.auxiliary_outputs] == [(2, 10, num_classes)] * 2
     suffixes = ("", "_dn") if kwargs["num_denoising_queries"] else ("",)
     expected_keys = {f"{n}{s}{i}" for n in ("loss_ce", "loss_bbox", "loss_giou") for s in suffixes for i in ("", "_0", "_1")}
     assert set(train_out.loss_dict) == expected_keys | {"cardinality_error"}
@@ -150,7 +151,8 @@ def test_group_zero_of_a_grouped_model_is_the_ungrouped_model(query_type, inputs
     for mode in ("eval", "train"):
         grouped.train(mode == "train"), single.train(mode == "train")
         with torch.no_grad():
-            a, b = grouped.model(**inputs), single.model(**inputs)
+            a = grouped.model(**inputs, output_decoder_queries=True, output_intermediate_hidden_states=True)
+            b = single.model(**inputs, output_intermediate_hidden_states=True)
         assert a.decoder_queries.num_groups == (3 if mode == "train" else 1)
         assert a.intermediate_hidden_states.shape[2] == (30 if mode == "train" else 10)
         torch.testing.assert_close(a.intermediate_hidden_states[:, :, :10], b.intermediate_hidden_states, rtol=1e-5, atol=1e-5)
@@ -173,7 +175,7 @@ def test_denoising_queries_leak_nothing_to_matching_queries(inputs):
     torch.manual_seed(0)
     model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor", num_denoising_queries=12)).train()
     labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
-    outputs = model.model(**inputs, labels=labels, box_head=model.bbox_predictor)
+    outputs = model.model(**inputs, labels=labels, box_head=model.bbox_predictor, output_decoder_queries=True)
     queries = outputs.decoder_queries
     assert queries.num_denoising == queries.denoising.num_groups * 3 == 12  # 12 // max 3 targets = 4 groups
     matching = outputs.intermediate_hidden_states[:, :, queries.num_denoising :]
