@@ -1,0 +1,172 @@
+"""Bad data, bad inputs and faults, tried as a user would: each gives a clear error naming the item
+(file, image id, annotation id, argument, config field), or a skip that is warned about and counted;
+never a lost run, a silent wrong result or a crash deep inside torch, cv2 or Arrow.
+
+Covered in the module tests, not repeated here:
+- corrupt training image files are skipped, warned about and counted, also across DataLoader workers:
+  test_data.py::test_bad_data_is_fixed_skipped_and_counted, ::test_unreadable_images_counted_across_loader_workers
+- zero-area boxes dropped, boxes outside the image clipped, crowd boxes kept out of the targets (all
+  counted): test_data.py::test_bad_data_is_fixed_skipped_and_counted
+- an unknown category id (COCO file, or a category map that lacks it): test_data.py::test_unknown_category_id_raises_naming_the_annotation
+- target boxes outside [0, 1], NaN boxes, class ids out of range, mismatched shapes given to the model:
+  test_loss.py::test_bad_targets_raise_value_error_naming_image_and_annotation, ::test_mismatched_target_shapes_rejected
+- config values the model cannot be built with: test_configuration.py::test_bad_values_raise_value_error_naming_the_field
+- a resumed run reaches the same losses as an uninterrupted one:
+  test_train.py::test_resumed_run_reaches_the_same_loss_as_an_uninterrupted_one
+- remote code loads where hf_detr cannot be imported: test_modeling.py::test_remote_code_loads_where_hf_detr_cannot_be_imported
+- the original repo's .pth is read with weights_only=True: test_convert.py::test_original_detr_pth_is_read_weights_only
+"""
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import hf_detr
+from conftest import random_labels, tiny_config
+from hf_detr.data import DETECTION_FEATURES, CategoryMap, DetectionDataset, load_coco_folder, make_synthetic_coco
+from hf_detr.evaluation import evaluate_model
+from hf_detr.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+CATEGORIES = [{"id": 1, "name": "one"}, {"id": 3, "name": "three"}]
+
+
+def square_image(height=48, width=64, box=(10, 10, 20, 10)) -> np.ndarray:
+    """Black [H,W,3] uint8 with a white rectangle at COCO xywh ``box``."""
+    image = np.zeros((height, width, 3), np.uint8)
+    x, y, w, h = box
+    image[y : y + h, x : x + w] = 255
+    return image
+
+
+def write_coco(root: Path, coco, split="train", files=None) -> Path:
+    """A COCO folder: ``coco`` (a dict, or raw text) as the split's annotation file; ``files``
+    {file_name: PIL image or bytes}; by default one image a.png per listed image."""
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / split).mkdir(exist_ok=True)
+    text = coco if isinstance(coco, str) else json.dumps(coco)
+    (root / "annotations" / f"instances_{split}.json").write_text(text)
+    if files is None and isinstance(coco, dict):
+        files = {im["file_name"]: PIL.Image.fromarray(square_image()) for im in coco.get("images", []) if isinstance(im, dict) and "file_name" in im}
+    for name, content in (files or {}).items():
+        if isinstance(content, bytes):
+            (root / split / name).write_bytes(content)
+        else:
+            content.save(root / split / name)
+    return root
+
+
+def good_coco() -> dict:
+    return {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48},
+                   {"id": 2, "file_name": "b.png", "width": 64, "height": 48}],  # fmt: skip
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 10], "iscrowd": 0},
+                        {"id": 2, "image_id": 2, "category_id": 1, "bbox": [5, 5, 10, 10], "iscrowd": 0}],  # fmt: skip
+        "categories": [dict(c) for c in CATEGORIES],
+    }
+
+
+def mutated(change):
+    def build():
+        coco = good_coco()
+        change(coco)
+        return coco
+
+    return build
+
+
+def unnormalise(pixel_values: torch.Tensor) -> np.ndarray:
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return ((pixel_values * std + mean) * 255).permute(1, 2, 0).numpy()
+
+
+# --- COCO annotation files: a ValueError naming the file and the image / annotation ----------------
+
+ANNOTATION_FILE = r"\S*instances_train\.json"
+COCO_FILE_CASES = {
+    "bbox as a string": (
+        mutated(lambda c: c["annotations"][0].update(bbox="10,10,20,10")),
+        rf"annotation 1 \(image 1\) in {ANNOTATION_FILE}: 'bbox' must be \[x, y, width, height\]: 4 finite numbers, got str '10,10,20,10'",
+    ),
+    "bbox with an inf width": (
+        mutated(lambda c: c["annotations"][1].update(bbox=[5, 5, float("inf"), 10])),
+        rf"annotation 2 \(image 2\) in {ANNOTATION_FILE}: 'bbox' must be .*4 finite numbers, got list \[5, 5, inf, 10\]",
+    ),
+    "bbox with a NaN": (
+        mutated(lambda c: c["annotations"][1].update(bbox=[5, float("nan"), 10, 10])),
+        rf"annotation 2 \(image 2\) in {ANNOTATION_FILE}: 'bbox' must be .*got list \[5, nan, 10, 10\]",
+    ),
+    "bbox of 3 numbers": (
+        mutated(lambda c: c["annotations"][0].update(bbox=[1, 2, 3])),
+        rf"annotation 1 \(image 1\) in {ANNOTATION_FILE}: 'bbox' must be .*got list \[1, 2, 3\]",
+    ),
+    "missing category_id": (
+        mutated(lambda c: c["annotations"][1].pop("category_id")),
+        rf"annotation 2 \(image 2\) in {ANNOTATION_FILE}: missing 'category_id'",
+    ),
+    "missing annotation id": (
+        mutated(lambda c: c["annotations"][1].pop("id")),
+        rf"annotation None \(image 2\) in {ANNOTATION_FILE}: missing 'id'",
+    ),
+    "missing image width": (
+        mutated(lambda c: c["images"][1].pop("width")),
+        rf"image 2 \(images\[1\]\) in {ANNOTATION_FILE}: missing 'width'",
+    ),
+    "missing file_name": (
+        mutated(lambda c: c["images"][0].pop("file_name")),
+        rf"image 1 \(images\[0\]\) in {ANNOTATION_FILE}: missing 'file_name'",
+    ),
+    "string category id": (
+        mutated(lambda c: c["annotations"][0].update(category_id="3")),
+        rf"annotation 1 \(image 1\) in {ANNOTATION_FILE}: 'category_id' must be an integer, got str '3'",
+    ),
+    "string id in the categories": (
+        mutated(lambda c: c["categories"][1].update(id="3")),
+        rf"categories\[1\] in {ANNOTATION_FILE}: 'id' must be an integer, got str '3'",
+    ),
+    "iscrowd as a string": (
+        mutated(lambda c: c["annotations"][1].update(iscrowd="no")),
+        rf"annotation 2 \(image 2\) in {ANNOTATION_FILE}: 'iscrowd' must be 0, 1 or a bool, got str 'no'",
+    ),
+    "zero image height": (
+        mutated(lambda c: c["images"][0].update(height=0)),
+        rf"image 1 \(images\[0\]\) in {ANNOTATION_FILE}: 'height' must be a positive integer, got int 0",
+    ),
+    "duplicate image ids": (
+        mutated(lambda c: c["images"][1].update(id=1)),
+        rf"{ANNOTATION_FILE}: image id 1 is used by both 'a.png' and 'b.png'; image ids must be unique",
+    ),
+    "annotation of an undeclared image": (
+        mutated(lambda c: c["annotations"][1].update(image_id=9)),
+        rf"annotation 2 \(image 9\) in {ANNOTATION_FILE}: image id not in the file's images",
+    ),
+    "not JSON": (lambda: '{"images": [', rf"{ANNOTATION_FILE} is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(COCO_FILE_CASES))
+def test_malformed_coco_file_raises_naming_file_and_item(tmp_path, case):
+    build, message = COCO_FILE_CASES[case]
+    root = write_coco(tmp_path, build(), files={})
+    with pytest.raises(ValueError, match=message):
+        load_coco_folder(root, "train")
+
+
+def test_iscrowd_as_bool_is_read_as_0_or_1(tmp_path):
+    root = write_coco(tmp_path, mutated(lambda c: c["annotations"][0].update(iscrowd=True))())
+    data = load_coco_folder(root, "train")
+    assert data.dataset[0]["objects"]["iscrowd"] == [1] and data.dataset[1]["objects"]["iscrowd"] == [0]
+    dataset = DetectionDataset(data.dataset, data.categories, build_eval_transform(48, 64))
+    assert dataset.stats.crowd_ignored == 1 and dataset[0]["labels"]["crowd_boxes"].shape == (1, 4)
