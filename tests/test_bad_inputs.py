@@ -170,3 +170,121 @@ def test_iscrowd_as_bool_is_read_as_0_or_1(tmp_path):
     assert data.dataset[0]["objects"]["iscrowd"] == [1] and data.dataset[1]["objects"]["iscrowd"] == [0]
     dataset = DetectionDataset(data.dataset, data.categories, build_eval_transform(48, 64))
     assert dataset.stats.crowd_ignored == 1 and dataset[0]["labels"]["crowd_boxes"].shape == (1, 4)
+
+
+def hub_rows(boxes) -> datasets.Dataset:
+    """One Hub-schema row (image 11, annotation ids 5, 6, ...) with the given xywh boxes."""
+    n = len(boxes)
+    objects = {"id": list(range(5, 5 + n)), "bbox": boxes, "category": [0] * n, "area": [1.0] * n, "iscrowd": [0] * n}
+    return datasets.Dataset.from_dict(
+        {"image": [PIL.Image.fromarray(square_image())], "image_id": [11], "width": [64], "height": [48], "objects": [objects]},
+        features=DETECTION_FEATURES,
+    )
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -float("inf")])
+def test_non_finite_box_of_any_source_raises_naming_the_annotation(bad):
+    rows = hub_rows([[1.0, 1.0, 5.0, 5.0], [10.0, 10.0, bad, 10.0]])
+    with pytest.raises(ValueError, match=r"annotation 6 \(image 11\): bbox must be 4 finite numbers"):
+        DetectionDataset(rows, CategoryMap.from_names(["a"]), build_eval_transform(48, 64))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("iscrowd", ["no"], r"row 0: objects\.iscrowd must be 0/1 or bools, got \['no'\]"),
+     ("bbox", [[1.0, 2.0, 3.0]], r"row 0: objects\.bbox must be \[N, 4\] numbers")],
+)  # fmt: skip
+def test_hub_dataset_with_a_malformed_object_field_names_the_row(tmp_path, field, value, message):
+    from hf_detr.data import load_hub_detection_dataset
+
+    objects = {"bbox": [[1.0, 2.0, 3.0, 4.0]], "category": [0], "iscrowd": [0], field: value}
+    rows = {"image": [PIL.Image.fromarray(square_image())], "width": [64], "height": [48], "objects": [objects]}
+    folder = tmp_path / "hub"
+    datasets.Dataset.from_dict(rows).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match=message):
+        load_hub_detection_dataset(str(folder), "train", categories=CategoryMap.from_names(["a"]), cache_dir=str(tmp_path / "cache"))
+
+
+# --- images: one way to decode them; what cannot be used is skipped, warned about and counted ---------
+
+
+def one_image_folder(root: Path, image, width=64, height=48, name="a.png", box=(10, 10, 20, 10)) -> Path:
+    coco = {
+        "images": [{"id": 1, "file_name": name, "width": width, "height": height}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": list(box), "iscrowd": 0}],
+        "categories": CATEGORIES,
+    }
+    return write_coco(root, coco, files={name: image})
+
+
+def test_exif_orientation_is_applied_in_training_as_in_evaluation_and_the_pipeline(tmp_path):
+    from transformers.image_utils import load_image
+
+    from hf_detr.transforms import decode_image
+
+    displayed = square_image(height=60, width=40, box=(5, 30, 20, 12))  # boxes are drawn on what is shown
+    stored = PIL.Image.fromarray(displayed).transpose(PIL.Image.Transpose.ROTATE_90)  # 60 wide, 40 high
+    exif = PIL.Image.Exif()
+    exif[PIL.Image.ExifTags.Base.Orientation] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "photo.png"
+    stored.save(path, exif=exif)
+    assert PIL.Image.open(path).size == (60, 40)
+    # datasets' Image feature, transformers' load_image (pipeline) and hf_detr decode the same pixels
+    np.testing.assert_array_equal(np.asarray(decode_image(str(path))), displayed)
+    np.testing.assert_array_equal(np.asarray(load_image(str(path))), displayed)
+    np.testing.assert_array_equal(np.asarray(datasets.Image().decode_example({"path": str(path), "bytes": None})), displayed)
+
+    root = one_image_folder(tmp_path / "coco", stored, width=40, height=60, name="photo.png", box=(5, 30, 20, 12))
+    shutil.copy(path, root / "train" / "photo.png")  # with its EXIF tag
+    data = load_coco_folder(root, "train")
+    example = DetectionDataset(data.dataset, data.categories, build_eval_transform(40, 60))[0]
+    assert example["labels"]["orig_size"].tolist() == [60, 40] and example["pixel_values"].shape == (3, 60, 40)
+    cx, cy, w, h = (example["labels"]["boxes"][0] * torch.tensor([40, 60, 40, 60])).tolist()
+    bright = unnormalise(example["pixel_values"]).mean(-1) > 128
+    ys, xs = np.nonzero(bright)
+    np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], atol=1e-3)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped_to_white(tmp_path):
+    grey = np.full((48, 64), 128 * 257, np.uint16)  # mid-grey in 16 bits
+    grey[10:20, 10:30] = 65535
+    image = PIL.Image.fromarray(grey)
+    assert image.mode.startswith("I;16")
+    data = load_coco_folder(one_image_folder(tmp_path, image), "train")
+    pixels = unnormalise(DetectionDataset(data.dataset, data.categories, build_eval_transform(48, 64))[0]["pixel_values"])
+    np.testing.assert_allclose(pixels[30, 40], [128, 128, 128], atol=0.5)
+    np.testing.assert_allclose(pixels[15, 20], [255, 255, 255], atol=0.5)
+
+
+def test_extreme_aspect_ratio_trains_with_a_resize_of_at_least_one_pixel(tmp_path):
+    wide = PIL.Image.fromarray(square_image(height=1, width=300, box=(10, 0, 50, 1)))
+    data = load_coco_folder(one_image_folder(tmp_path, wide, width=300, height=1, box=(10, 0, 50, 1)), "train")
+    for augmentation in ("detr", "flip"):
+        transform = build_transform(train=True, image_size=64, max_size=96, seed=0, augmentation=augmentation)
+        dataset = DetectionDataset(data.dataset, data.categories, transform)
+        for _ in range(5):  # several scales and crops
+            example = dataset[0]
+            height, width = example["labels"]["size"].tolist()
+            assert height >= 1 and width >= 1 and example["pixel_values"].shape == (3, height, width)
+
+
+def test_image_of_another_size_than_annotated_is_skipped_and_counted(tmp_path, caplog):
+    small = PIL.Image.fromarray(square_image(height=24, width=32, box=(5, 5, 10, 5)))
+    data = load_coco_folder(one_image_folder(tmp_path, small, width=64, height=48), "train")
+    dataset = DetectionDataset(data.dataset, data.categories, build_eval_transform(48, 64))
+    with caplog.at_level(logging.WARNING):
+        assert dataset[0] is None
+    assert "a.png (image_id 1)" in caplog.text
+    assert "decoded size 32x24 differs from the annotated width x height 64x48" in caplog.text
+    assert dataset.stats.size_mismatch == 1 and dataset.stats.skipped_images == 0
+
+
+def test_decompression_bomb_is_skipped_and_counted_like_an_unreadable_image(tmp_path, caplog, monkeypatch):
+    data = load_coco_folder(one_image_folder(tmp_path, PIL.Image.fromarray(square_image())), "train")
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 48 = 3072 > 2 x 1000: PIL refuses it
+    dataset = DetectionDataset(data.dataset, data.categories, build_eval_transform(48, 64))
+    with caplog.at_level(logging.WARNING):
+        assert dataset[0] is None
+    assert "skipping unreadable image" in caplog.text and "a.png (image_id 1)" in caplog.text
+    assert "DecompressionBombError" in caplog.text
+    assert dataset.stats.skipped_images == 1
