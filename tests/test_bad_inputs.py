@@ -288,3 +288,90 @@ def test_decompression_bomb_is_skipped_and_counted_like_an_unreadable_image(tmp_
     assert "skipping unreadable image" in caplog.text and "a.png (image_id 1)" in caplog.text
     assert "DecompressionBombError" in caplog.text
     assert dataset.stats.skipped_images == 1
+
+
+# --- evaluation: the same skips, counted; a split or run is never lost to one image -----------------
+
+EVAL_CATEGORIES = CategoryMap([1, 3], ["one", "three"])
+
+
+@pytest.fixture(scope="module")
+def tiny_detector():
+    torch.manual_seed(0)
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(num_labels=2)).eval()
+    return model, hf_detr.HfDetrImageProcessor(size={"shortest_edge": 48, "longest_edge": 64})
+
+
+def eval_folder(root: Path, bad_file: bytes | PIL.Image.Image, bad_size=(64, 48)) -> Path:
+    """Three images: a.png and c.png fine, b.png the bad one (annotated as bad_size)."""
+    good = PIL.Image.fromarray(square_image())
+    coco = good_coco()
+    coco["images"][1].update(width=bad_size[0], height=bad_size[1])
+    coco["images"].append({"id": 3, "file_name": "c.png", "width": 64, "height": 48})
+    coco["annotations"][1]["bbox"] = [0, 0, 1, 1]
+    coco["annotations"].append({"id": 3, "image_id": 3, "category_id": 1, "bbox": [5, 5, 10, 10], "iscrowd": 0})
+    return write_coco(root, coco, split="val", files={"a.png": good, "b.png": bad_file, "c.png": good})
+
+
+def truncated_jpeg() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+EVAL_SKIP_CASES = {
+    # bad b.png, (skipped_images, size_mismatch), what the warning says
+    "truncated JPEG": (lambda: truncated_jpeg(), None, (1, 0), r"b\.png \(image_id 2\): OSError"),
+    "not an image": (lambda: b"this is not a png", None, (1, 0), r"b\.png \(image_id 2\): UnidentifiedImageError"),
+    "other size than annotated": (
+        lambda: PIL.Image.fromarray(square_image(24, 32)), None, (0, 1),
+        r"b\.png \(image_id 2\): decoded size 32x24 differs from the annotated width x height 64x48",
+    ),
+    "extreme aspect ratio": (
+        lambda: PIL.Image.fromarray(square_image(1, 300, (0, 0, 1, 1))), (300, 1), (1, 0),
+        r"image_id 2 \(300x1\): the image processor failed",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(EVAL_SKIP_CASES))
+def test_evaluation_skips_and_counts_an_image_it_cannot_use(tmp_path, tiny_detector, caplog, case):
+    bad_file, bad_size, (unreadable, mismatch), warning = EVAL_SKIP_CASES[case]
+    root = eval_folder(tmp_path, bad_file(), bad_size or (64, 48))
+    data = load_coco_folder(root, "val")
+    model, processor = tiny_detector
+    with caplog.at_level(logging.WARNING):
+        metrics, stats = evaluate_model(model, processor, data.dataset, data.categories, batch_size=2, return_stats=True)
+    assert stats == {"images": 3, "evaluated": 2, "skipped_images": unreadable, "size_mismatch": mismatch}
+    assert math.isfinite(metrics["map"])
+    assert len(re.findall(warning, caplog.text)) == 1, caplog.text
+
+
+def test_evaluation_with_no_usable_image_raises_not_zero_map(tmp_path, tiny_detector):
+    root = write_coco(tmp_path, good_coco(), split="val", files={"a.png": b"junk", "b.png": b"junk"})
+    data = load_coco_folder(root, "val")
+    with pytest.raises(ValueError, match=r"none of the 2 evaluation images could be used"):
+        evaluate_model(*tiny_detector, data.dataset, data.categories)
+
+
+def test_duplicate_image_ids_in_evaluation_examples_raise():
+    examples = [{"image_id": 7, "width": 10, "height": 10, "objects": {"bbox": [], "category": []}}] * 2
+    from hf_detr.evaluation import coco_from_examples
+
+    with pytest.raises(ValueError, match=r"image id 7 is used by several examples"):
+        coco_from_examples(examples)
+
+
+def test_a_split_without_annotations_is_warned_about(tmp_path, tiny_detector, caplog):
+    coco = good_coco()
+    coco["annotations"] = []
+    data = load_coco_folder(write_coco(tmp_path, coco), "train")
+    with caplog.at_level(logging.WARNING):
+        DetectionDataset(data.dataset, data.categories, build_eval_transform(48, 64))
+    assert "none of the 2 images has a box to learn from" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        evaluate_model(*tiny_detector, data.dataset, data.categories)
+    assert "the evaluation split has no annotations" in caplog.text
