@@ -14,14 +14,50 @@ from torch import nn
 from .box_ops import center_planes, l1_and_generalized_box_iou_planes
 
 
-def check_labels(labels: list[dict], num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> None:
+    """Raise a ValueError naming the argument and the shapes when the model cannot read the batch:
+    pixel_values must be [B, C, H, W] with B >= 1; pixel_mask, if given, [B, H, W] with at least one
+    real (non-zero) pixel per image (rather than a silent resize or broadcast, or an image with nothing
+    to attend to). The per-image check reads the mask on the host; it is skipped while compiling or
+    tracing, and on the meta device (no data)."""
+    if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
+        raise ValueError(f"pixel_values must be [batch_size >= 1, channels, height, width], got shape {tuple(pixel_values.shape)}")
+    if pixel_mask is None:
+        return
+    batch, _, height, width = pixel_values.shape
+    if tuple(pixel_mask.shape) != (batch, height, width):
+        raise ValueError(
+            f"pixel_mask must be [batch_size, height, width] = {(batch, height, width)} for pixel_values of shape "
+            f"{tuple(pixel_values.shape)}, got {tuple(pixel_mask.shape)}"
+        )
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or pixel_mask.device.type == "meta":
+        return
+    has_pixels = pixel_mask.flatten(1).any(1)
+    if not bool(has_pixels.all()):
+        empty = (~has_pixels).nonzero().flatten().tolist()
+        raise ValueError(f"pixel_mask of image(s) {empty} is all zeros: every image needs at least one real pixel")
+
+
+def check_labels(labels: list[dict], num_labels: int, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Raise a ValueError naming the image index and annotation position of the first bad target:
-    boxes must be finite cxcywh in [0, 1] with positive size, class ids in [0, num_labels).
+    one dict per image of the batch (``batch_size``, when given), integer class ids in
+    [0, num_labels), finite float cxcywh boxes in [0, 1] with positive size.
     -> every image's class_labels [N] and boxes [N, 4], concatenated in image order."""
+    if not isinstance(labels, (list, tuple)):
+        raise ValueError(f"labels must be a list with one dict per image, got {type(labels).__name__}")
+    if batch_size is not None and len(labels) != batch_size:
+        raise ValueError(f"labels has {len(labels)} entries for a batch of {batch_size} images: one dict per image")
     for image_index, target in enumerate(labels):
-        if "class_labels" not in target or "boxes" not in target:
-            raise ValueError(f"labels[{image_index}] must have 'class_labels' and 'boxes', got keys {sorted(target)}")
+        if not isinstance(target, dict) or "class_labels" not in target or "boxes" not in target:
+            got = f"keys {sorted(target)}" if isinstance(target, dict) else type(target).__name__
+            raise ValueError(f"labels[{image_index}] must have 'class_labels' and 'boxes', got {got}")
         classes, boxes = target["class_labels"], target["boxes"]
+        if not _is_integer_vector(classes):
+            what = f"{classes.dtype} of shape {tuple(classes.shape)}" if torch.is_tensor(classes) else type(classes).__name__
+            raise ValueError(f"labels[{image_index}]['class_labels'] must be an integer tensor [N], got {what}")
+        if not torch.is_tensor(boxes) or not boxes.is_floating_point():
+            what = boxes.dtype if torch.is_tensor(boxes) else type(boxes).__name__
+            raise ValueError(f"labels[{image_index}]['boxes'] must be a float tensor [N, 4], got {what}")
         if boxes.ndim != 2 or boxes.shape[-1] != 4 or boxes.shape[0] != classes.shape[0]:
             raise ValueError(
                 f"labels[{image_index}]: 'boxes' must be [N, 4] with N = len(class_labels) = {len(classes)}, "
@@ -52,6 +88,11 @@ def check_labels(labels: list[dict], num_labels: int) -> tuple[torch.Tensor, tor
         else f"class id {class_id} is outside [0, {num_labels})"
     )
     raise ValueError(f"labels[{image_index}], annotation {position}: {what}")
+
+
+def _is_integer_vector(values) -> bool:
+    integer = torch.is_tensor(values) and not (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool)
+    return integer and values.ndim == 1
 
 
 def _bad_boxes(boxes: torch.Tensor) -> torch.Tensor:
@@ -116,7 +157,7 @@ class SetCriterion(nn.Module):
         """
         num_layers, batch, num_queries = logits.shape[:3]
         device = logits.device
-        target_classes_all, target_boxes_all = check_labels(labels, self.num_labels)  # concatenated, [N], [N, 4]
+        target_classes_all, target_boxes_all = check_labels(labels, self.num_labels, batch)  # concatenated, [N], [N, 4]
         target_classes_all, target_boxes_all = target_classes_all.to(device), target_boxes_all.to(device, pred_boxes.dtype)
         # One log-softmax serves the matcher's class cost (detached) and the cross-entropy below.
         log_probs = logits.float().log_softmax(-1)  # [L, B, Q, K+1]

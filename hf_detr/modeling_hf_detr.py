@@ -24,7 +24,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .configuration_hf_detr import HfDetrConfig
-from .loss import SetCriterion
+from .loss import SetCriterion, check_pixel_inputs
 from .matching import HungarianMatcher
 from .queries import QUERY_BUILDERS
 
@@ -509,6 +509,7 @@ class HfDetrModel(HfDetrPreTrainedModel):
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        check_pixel_inputs(pixel_values, pixel_mask)
         batch, _, height, width = pixel_values.shape
         if pixel_mask is None:
             pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)

@@ -375,3 +375,46 @@ def test_a_split_without_annotations_is_warned_about(tmp_path, tiny_detector, ca
     with caplog.at_level(logging.WARNING):
         evaluate_model(*tiny_detector, data.dataset, data.categories)
     assert "the evaluation split has no annotations" in caplog.text
+
+
+# --- model inputs: a ValueError from the model naming the argument and the counts --------------------
+
+
+def model_inputs(case):
+    pixel_values, pixel_mask = torch.randn(2, 3, 64, 64), torch.ones(2, 64, 64, dtype=torch.long)
+    labels = random_labels([2, 1], 5, torch.Generator().manual_seed(0))
+    if case == "float class_labels":
+        labels[0]["class_labels"] = labels[0]["class_labels"].float()
+    elif case == "labels for fewer images than the batch":
+        labels = labels[:1]
+    elif case == "batch of 0 images":
+        pixel_values, pixel_mask, labels = pixel_values[:0], pixel_mask[:0], []
+    elif case == "pixel_mask of another size":
+        pixel_mask = torch.ones(2, 32, 32, dtype=torch.long)
+    elif case == "pixel_mask of one image for two":
+        pixel_mask = pixel_mask[:1]
+    elif case == "pixel_mask all zeros":
+        pixel_mask[1] = 0
+    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels}
+
+
+MODEL_INPUT_CASES = {
+    "float class_labels": r"labels\[0\]\['class_labels'\] must be an integer tensor \[N\], got torch\.float32 of shape \(2,\)",
+    "labels for fewer images than the batch": r"labels has 1 entries for a batch of 2 images",
+    "batch of 0 images": r"pixel_values must be \[batch_size >= 1, channels, height, width\], got shape \(0, 3, 64, 64\)",
+    "pixel_mask of another size": r"pixel_mask must be \[batch_size, height, width\] = \(2, 64, 64\) .*got \(2, 32, 32\)",
+    "pixel_mask of one image for two": r"pixel_mask must be \[batch_size, height, width\] = \(2, 64, 64\) .*got \(1, 64, 64\)",
+    "pixel_mask all zeros": r"pixel_mask of image\(s\) \[1\] is all zeros",
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_INPUT_CASES))
+def test_bad_model_inputs_raise_value_error_with_the_counts(case):
+    model = hf_detr.HfDetrForObjectDetection(tiny_config()).train()
+    with pytest.raises(ValueError, match=MODEL_INPUT_CASES[case]):
+        model(**model_inputs(case))
+
+
+def test_good_model_inputs_pass_the_checks():
+    model = hf_detr.HfDetrForObjectDetection(tiny_config()).train()
+    assert torch.isfinite(model(**model_inputs("good")).loss)
