@@ -418,3 +418,40 @@ def test_bad_model_inputs_raise_value_error_with_the_counts(case):
 def test_good_model_inputs_pass_the_checks():
     model = hf_detr.HfDetrForObjectDetection(tiny_config()).train()
     assert torch.isfinite(model(**model_inputs("good")).loss)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_labels", [1, 2, 3, 91])
+def test_any_num_labels_round_trips(tmp_path, num_labels):
+    hf_detr.HfDetrForObjectDetection(tiny_config(num_labels=num_labels)).save_pretrained(tmp_path)
+    assert hf_detr.HfDetrConfig.from_pretrained(tmp_path).num_labels == num_labels
+    model = hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path)
+    assert model.config.num_labels == num_labels and model.class_labels_classifier.out_features == num_labels + 1
+
+
+def test_truncated_safetensors_is_refused(tmp_path):
+    from safetensors import SafetensorError
+
+    hf_detr.HfDetrForObjectDetection(tiny_config()).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SafetensorError, match="incomplete metadata, file not fully covered"):
+        hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path)
+
+
+def load_train_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_detr_train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_checkpoint_left_half_written_by_a_kill_is_not_resumed_from(tmp_path):
+    train_script = load_train_script()
+    (tmp_path / "step_2").mkdir()
+    (tmp_path / "step_4.partial").mkdir()  # save_state was killed while writing step 4
+    assert train_script.find_checkpoint(tmp_path, "latest") == tmp_path / "step_2"
