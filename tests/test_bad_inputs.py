@@ -455,3 +455,201 @@ def test_a_checkpoint_left_half_written_by_a_kill_is_not_resumed_from(tmp_path):
     (tmp_path / "step_2").mkdir()
     (tmp_path / "step_4.partial").mkdir()  # save_state was killed while writing step 4
     assert train_script.find_checkpoint(tmp_path, "latest") == tmp_path / "step_2"
+
+
+# --- scripts/train.py: faults during and after training -------------------------------------------------
+# One process runs every scenario below in order (sharing the import time); each records its error, if
+# any, and its log. A wrapped collate_fn fills the pixels of any batch holding a poisoned image id with NaN.
+
+RUNNER = """
+import json, logging, shutil, sys
+import torch
+sys.path.insert(0, {scripts!r})
+import train as train_script
+from hf_detr import data as detr_data
+
+logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+POISON = set()
+collate = detr_data.collate_fn
+
+def poisoned_collate(batch):
+    out = collate(batch)
+    if out is not None and any(int(target["image_id"]) in POISON for target in out["labels"]):
+        out["pixel_values"] = torch.full_like(out["pixel_values"], float("nan"))
+    return out
+
+detr_data.collate_fn = poisoned_collate
+results = {{}}
+for name, scenario in json.load(open(sys.argv[1])).items():
+    for source, target in scenario.get("copy", []):
+        (shutil.copytree if source.rstrip("/").split("/")[-1].startswith("step_") else shutil.copy)(source, target)
+    POISON.clear()
+    POISON.update(scenario["poison"])
+    handler = logging.FileHandler(sys.argv[2] + "/" + name + ".log")
+    logging.getLogger().addHandler(handler)
+    try:
+        train_script.main(scenario["argv"])
+        results[name] = None
+    except (Exception, SystemExit) as err:  # SystemExit: argparse refusing an argument
+        results[name] = [type(err).__name__, str(err)]
+    logging.getLogger().removeHandler(handler)
+json.dump(results, open(sys.argv[2] + "/results.json", "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    tiny = tmp / "tiny"  # live batch norm: a NaN batch would poison its running statistics too
+    hf_detr.HfDetrForObjectDetection(tiny_config(freeze_backbone_stages=0, freeze_backbone_batch_norm=False)).save_pretrained(tiny)
+    coco = make_synthetic_coco(tmp / "coco", num_train=12, num_val=4, image_size=64, seed=1)  # 3 batches of 4
+    truncated_val = Path(shutil.copytree(coco, tmp / "truncated_val"))
+    jpeg = truncated_val / "val" / "000001.jpg"  # image id 2
+    jpeg.write_bytes(jpeg.read_bytes()[:400])
+    unreadable_val = Path(shutil.copytree(coco, tmp / "unreadable_val"))
+    for image in (unreadable_val / "val").iterdir():
+        image.write_bytes(b"not an image")
+    empty = make_synthetic_coco(tmp / "empty", num_train=0, num_val=2, image_size=64)
+    small = make_synthetic_coco(tmp / "small", num_train=3, num_val=2, image_size=64)
+
+    def argv(dataset, output, *more):
+        return ["--dataset_name", str(dataset), "--train_split", "train", "--eval_split", "val",
+                "--model_name_or_path", str(tiny), "--image_size", "64", "--max_size", "64",
+                "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--seed", "3",
+                "--max_train_steps", "3", "--output_dir", str(tmp / output), *more]  # fmt: skip
+
+    for folder in ("resumed", "other_batch_size"):
+        (tmp / folder).mkdir()
+    scenarios = {
+        "poisoned": {"argv": argv(coco, "poisoned", "--checkpointing_steps", "2"), "poison": [5]},
+        "resumed": {
+            "copy": [[str(tmp / "poisoned" / "step_2"), str(tmp / "resumed" / "step_2")],
+                     [str(tmp / "poisoned" / "train_log.jsonl"), str(tmp / "resumed" / "train_log.jsonl")]],  # fmt: skip
+            "argv": argv(coco, "resumed", "--resume_from_checkpoint", "latest"), "poison": [5],
+        },
+        "other_batch_size": {
+            "copy": [[str(tmp / "poisoned" / "step_2"), str(tmp / "other_batch_size" / "step_2")]],
+            "argv": argv(coco, "other_batch_size", "--resume_from_checkpoint", "latest", "--per_device_train_batch_size", "2"),
+            "poison": [],
+        },
+        "eval_truncated": {"argv": argv(truncated_val, "eval_truncated", "--max_train_steps", "1"), "poison": []},
+        "eval_unreadable": {"argv": argv(unreadable_val, "eval_unreadable"), "poison": []},
+        "all_nonfinite": {"argv": argv(coco, "all_nonfinite", "--max_consecutive_nonfinite_steps", "2"), "poison": list(range(1, 13))},
+        "empty_train_split": {"argv": argv(empty, "empty_train_split"), "poison": []},
+        "split_smaller_than_a_batch": {"argv": argv(small, "split_smaller_than_a_batch"), "poison": []},
+    }
+    (tmp / "scenarios.json").write_text(json.dumps(scenarios))
+    (tmp / "runner.py").write_text(RUNNER.format(scripts=str(ROOT / "scripts")))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(tmp / "runner.py"), str(tmp / "scenarios.json"), str(tmp)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return tmp, json.loads((tmp / "results.json").read_text())
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+RUN_ERRORS = {
+    "other_batch_size": (
+        "ValueError",
+        r"--resume_from_checkpoint \S+step_2: settings that fix which samples each step sees differ from the run "
+        r"that wrote it: per_device_train_batch_size \(checkpoint 4, now 2\)\.",
+    ),
+    "eval_unreadable": ("ValueError", r"none of the 4 evaluation images could be used"),
+    "all_nonfinite": (
+        "RuntimeError",
+        r"2 optimizer steps in a row had a non-finite loss \(the last: step 2, images \[.*\]\); "
+        r"stopping \(--max_consecutive_nonfinite_steps 2\)",
+    ),
+    "empty_train_split": ("ValueError", r"the training split 'train' of \S+empty has no images"),
+    "split_smaller_than_a_batch": (
+        "ValueError",
+        r"the training split 'train' has 3 images, fewer than one batch \(--per_device_train_batch_size 4\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("scenario", list(RUN_ERRORS))
+def test_train_script_stops_with_an_error_naming_the_cause(runs, scenario):
+    _, results = runs
+    error_type, message = RUN_ERRORS[scenario]
+    assert results[scenario] is not None, f"{scenario} ran to the end"
+    assert results[scenario][0] == error_type, results[scenario]
+    assert re.search(message, results[scenario][1]), results[scenario][1]
+
+
+def all_finite(folder: Path) -> bool:
+    from safetensors.torch import load_file
+
+    return all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values() if t.is_floating_point())
+
+
+def test_nan_batch_is_skipped_counted_and_never_reaches_the_weights(runs):
+    tmp, results = runs
+    assert results["poisoned"] is None
+    log = read_log(tmp / "poisoned")
+    assert [entry["step"] for entry in log] == [1, 2, 3]
+    skipped = [entry for entry in log if entry.get("skipped")]
+    assert len(skipped) == 1 and skipped[0]["loss"] is None and skipped[0]["skipped"] == "non-finite loss"
+    assert all(math.isfinite(entry["loss"]) for entry in log if not entry.get("skipped"))
+    step = skipped[0]["step"]
+    warning = rf"step {step}: non-finite loss \(nan\), optimizer step skipped \(1 in a row, 1 in this run\); image ids of this process's batch: \[.*\b5\b.*\]"
+    assert re.search(warning, (tmp / "poisoned.log").read_text())
+    results_file = json.loads((tmp / "poisoned" / "eval_results.json").read_text())
+    assert results_file["data_stats"]["train"]["skipped_nonfinite_steps"] == 1
+    assert all_finite(tmp / "poisoned") and all_finite(tmp / "poisoned" / "step_2")  # running statistics too
+    assert math.isfinite(results_file["map"])
+    assert "run summary: 3 steps (1 skipped: non-finite)" in (tmp / "poisoned.log").read_text()
+
+
+def test_unreadable_evaluation_image_is_skipped_and_counted_in_eval_results(runs):
+    tmp, results = runs
+    assert results["eval_truncated"] is None
+    stats = json.loads((tmp / "eval_truncated" / "eval_results.json").read_text())["data_stats"]
+    assert stats["eval"] == {"images": 4, "evaluated": 3, "skipped_images": 1, "size_mismatch": 0}
+    assert stats["train"]["skipped_images"] == 0 and stats["train"]["images"] == 12
+    log = (tmp / "eval_truncated.log").read_text()
+    assert "evaluation: skipping image " in log and "000001.jpg (image_id 2): OSError" in log
+    assert "'skipped_images': 1" in log.split("run summary:")[1]
+
+
+def test_failed_evaluation_leaves_the_trained_model_saved(runs):
+    tmp, results = runs
+    assert results["eval_unreadable"][0] == "ValueError"
+    output = tmp / "eval_unreadable"
+    assert [entry["step"] for entry in read_log(output)] == [1, 2, 3]
+    model = hf_detr.HfDetrForObjectDetection.from_pretrained(output)
+    assert model.config.category_ids == [1, 3, 7]
+    hf_detr.HfDetrImageProcessor.from_pretrained(output)
+    assert not list(output.glob("*.partial")) and not (output / "eval_results.json").exists()
+
+
+def test_stopped_non_finite_run_saves_no_weights(runs):
+    tmp, _ = runs
+    output = tmp / "all_nonfinite"
+    assert not (output / "model.safetensors").exists()
+    assert [entry.get("skipped") for entry in read_log(output)] == ["non-finite loss"] * 2
+
+
+def test_checkpoint_records_the_settings_and_resume_refuses_others_before_touching_anything(runs):
+    tmp, _ = runs
+    saved = json.loads((tmp / "poisoned" / "step_2" / "train_args.json").read_text())
+    assert saved["per_device_train_batch_size"] == 4 and saved["num_processes"] == 1 and saved["train_images"] == 12
+    assert not (tmp / "other_batch_size" / "train_log.jsonl").exists()
+    assert not (tmp / "other_batch_size" / "model.safetensors").exists()
+
+
+def test_resumed_run_rewrites_the_log_from_the_checkpoint_step(runs):
+    tmp, results = runs
+    assert results["resumed"] is None
+    full, resumed = read_log(tmp / "poisoned"), read_log(tmp / "resumed")
+    assert [entry["step"] for entry in resumed] == [1, 2, 3]  # not 1, 2, 3, 3
+    assert resumed[:2] == full[:2]
+    if full[2]["loss"] is None:
+        assert resumed[2] == full[2]
+    else:
+        assert resumed[2]["loss"] == pytest.approx(full[2]["loss"], rel=1e-5)
+    skipped = sum(1 for entry in full if entry.get("skipped"))  # counted from the kept log lines too
+    assert json.loads((tmp / "resumed" / "eval_results.json").read_text())["data_stats"]["train"]["skipped_nonfinite_steps"] == skipped
