@@ -298,8 +298,8 @@ class NonFiniteStepGuard:
         self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
         self.last = f"step {step}, images {image_ids}"
         logger.warning(
-            f"step {step}: {self.reason} ({loss}), optimizer step skipped ({self.in_a_row} in a row, {self.skipped} "
-            f"in this run); image ids of this process's batch: {image_ids}", main_process_only=False,
+            f"step {step}: {self.reason} (this process's loss: {loss}), optimizer step skipped ({self.in_a_row} in a row, "
+            f"{self.skipped} in this run); image ids of this process's batch: {image_ids}", main_process_only=False,
         )  # fmt: skip
         return {"step": step, "loss": None, "skipped": self.reason}
 

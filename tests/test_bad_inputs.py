@@ -595,7 +595,7 @@ def test_nan_batch_is_skipped_counted_and_never_reaches_the_weights(runs):
     assert len(skipped) == 1 and skipped[0]["loss"] is None and skipped[0]["skipped"] == "non-finite loss"
     assert all(math.isfinite(entry["loss"]) for entry in log if not entry.get("skipped"))
     step = skipped[0]["step"]
-    warning = rf"step {step}: non-finite loss \(nan\), optimizer step skipped \(1 in a row, 1 in this run\); image ids of this process's batch: \[.*\b5\b.*\]"
+    warning = rf"step {step}: non-finite loss \(this process's loss: nan\), optimizer step skipped \(1 in a row, 1 in this run\); image ids of this process's batch: \[.*\b5\b.*\]"
     assert re.search(warning, (tmp / "poisoned.log").read_text())
     results_file = json.loads((tmp / "poisoned" / "eval_results.json").read_text())
     assert results_file["data_stats"]["train"]["skipped_nonfinite_steps"] == 1
