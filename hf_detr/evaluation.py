@@ -34,7 +34,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .transforms import SIZE_MISMATCH, UNREADABLE, describe_image, read_example_image
+from .images import SIZE_MISMATCH, UNREADABLE, describe_image, read_example_image
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def evaluate_model(
             DETR does (COCOeval keeps the best 100 per image).
         return_stats: also return the counts of evaluated and skipped images.
 
-    Images are decoded as in training (`hf_detr.transforms.decode_image`: EXIF orientation applied).
+    Images are decoded as in training (`hf_detr.images.decode_image`: EXIF orientation applied).
     An image that cannot be read or preprocessed, or whose decoded size differs from the example's
     `width` x `height`, is skipped with a warning naming it, counted, and left out of the metrics; if
     no image is left, ValueError.

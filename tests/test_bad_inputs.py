@@ -220,7 +220,7 @@ def one_image_folder(root: Path, image, width=64, height=48, name="a.png", box=(
 def test_exif_orientation_is_applied_in_training_as_in_evaluation_and_the_pipeline(tmp_path):
     from transformers.image_utils import load_image
 
-    from hf_detr.transforms import decode_image
+    from hf_detr.images import decode_image
 
     displayed = square_image(height=60, width=40, box=(5, 30, 20, 12))  # boxes are drawn on what is shown
     stored = PIL.Image.fromarray(displayed).transpose(PIL.Image.Transpose.ROTATE_90)  # 60 wide, 40 high
