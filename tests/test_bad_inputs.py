@@ -418,6 +418,9 @@ def test_bad_model_inputs_raise_value_error_with_the_counts(case):
 def test_good_model_inputs_pass_the_checks():
     model = hf_detr.HfDetrForObjectDetection(tiny_config()).train()
     assert torch.isfinite(model(**model_inputs("good")).loss)
+    inputs = model_inputs("good")
+    inputs["pixel_mask"][1, :8] = 0  # padding at the top: real pixels elsewhere are enough
+    assert torch.isfinite(model(**inputs).loss)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
