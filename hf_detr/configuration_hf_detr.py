@@ -109,6 +109,15 @@ class HfDetrConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.check_values()
 
+    def to_diff_dict(self) -> dict:
+        # PreTrainedConfig leaves out an id2label equal to its own default (2 labels); loading such a
+        # config.json would then give this config's default of 91, so the label maps are always written.
+        diff = super().to_diff_dict()
+        full = self.to_dict()
+        for key in ("id2label", "label2id"):
+            diff.setdefault(key, full[key])
+        return diff
+
     def check_values(self):
         """Reject values the model cannot be built with, naming the field (a plain ValueError:
         `@strict`'s own `validate_*` hooks would wrap it in a StrictDataclassError)."""

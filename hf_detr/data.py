@@ -13,16 +13,18 @@ Every source ends up with the Hub object-detection schema (as in ``cppe-5``), on
 
 A `CategoryMap` translates category ids to the contiguous labels 0..K-1 the model predicts.
 
-Bad data policy: structural errors in an annotation file (an annotation whose image or category is
-not declared) raise ValueError naming the annotation and image ids: the file must be fixed, silently
-changing the class set would be worse. Problems a training run can live with are fixed or skipped
-and counted in `DataStats` by `hf_detr.transforms` (clipped boxes, boxes with no area, crowd boxes,
-unreadable image files).
+Bad data policy: structural errors in an annotation file (a missing key, a value of the wrong type,
+a non-finite box, a repeated image id, an annotation whose image or category is not declared) raise
+ValueError naming the file and the annotation and image ids: the file must be fixed, silently
+changing the class set or the boxes would be worse. Problems a training run can live with are fixed
+or skipped and counted in `DataStats` by `hf_detr.transforms` (clipped boxes, boxes with no area,
+crowd boxes, unreadable image files, images whose size is not the annotated one).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,28 +119,27 @@ class DetectionData(NamedTuple):
 
 def load_coco_folder(root: str | Path, split: str) -> DetectionData:
     """A COCO-layout folder (``root/annotations/instances_<split>.json``, images in ``root/<split>/``)
-    as a Hub-schema dataset. Images without annotations are kept (empty ``objects``)."""
+    as a Hub-schema dataset. Images without annotations are kept (empty ``objects``).
+
+    The file is checked first (`check_coco_json`): any structural error raises ValueError naming the
+    file and the image or annotation."""
     root = Path(root)
     ann_file = root / "annotations" / f"instances_{split}.json"
     if not ann_file.is_file():
         raise FileNotFoundError(f"no COCO annotation file {ann_file}")
-    coco = json.loads(ann_file.read_text())
+    try:
+        coco = json.loads(ann_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{ann_file} is not valid JSON: {err}") from None
+    check_coco_json(coco, ann_file)
     categories = CategoryMap.from_coco(coco["categories"])
-    known_categories = set(categories.category_ids)
     images = sorted(coco["images"], key=lambda im: im["id"])
     objects: dict[int, dict[str, list]] = {im["id"]: {k: [] for k in OBJECT_FEATURES} for im in images}
-    for ann in coco["annotations"]:
-        where = f"annotation {ann.get('id')} (image {ann.get('image_id')}) in {ann_file}"
-        if ann["image_id"] not in objects:
-            raise ValueError(f"{where}: image id not in the file's images")
-        if ann["category_id"] not in known_categories:
-            raise ValueError(f"{where}: category id {ann['category_id']} not in {categories.category_ids}")
-        if len(ann.get("bbox") or ()) != 4:
-            raise ValueError(f"{where}: bbox must be [x, y, width, height], got {ann.get('bbox')}")
+    for ann in coco.get("annotations", ()):
         obj = objects[ann["image_id"]]
         w, h = ann["bbox"][2:]
         for key, value in (("id", ann["id"]), ("bbox", ann["bbox"]), ("category", ann["category_id"]),
-                           ("area", ann.get("area", w * h)), ("iscrowd", ann.get("iscrowd", 0))):  # fmt: skip
+                           ("area", ann.get("area", w * h)), ("iscrowd", int(ann.get("iscrowd", 0)))):  # fmt: skip
             obj[key].append(value)
     columns = {
         "image": [str(root / split / im["file_name"]) for im in images],  # a path: decoded on access
@@ -148,6 +149,80 @@ def load_coco_folder(root: str | Path, split: str) -> DetectionData:
         "objects": [objects[im["id"]] for im in images],
     }
     return DetectionData(datasets.Dataset.from_dict(columns, features=DETECTION_FEATURES), categories)
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not bool, not a float or a string holding a number
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+def _is_box(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 4 and all(_is_number(x) and math.isfinite(x) for x in value)
+
+
+def _value(record: Any, key: str, where: str, check=_is_int, kind: str = "an integer") -> Any:
+    """record[key], or a ValueError naming ``where``, the key and the type found."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{where}: must be a JSON object, got {type(record).__name__} {record!r}")
+    if key not in record:
+        raise ValueError(f"{where}: missing {key!r} (keys: {sorted(record)})")
+    value = record[key]
+    if not check(value):
+        raise ValueError(f"{where}: {key!r} must be {kind}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_coco_json(coco: Any, ann_file: str | Path) -> None:
+    """Raise ValueError naming ``ann_file`` and the image, annotation or category of the first
+    structural error of a COCO detection file: a missing key or a value of the wrong type (ids are
+    integers, ``file_name`` a string, ``width``/``height`` positive integers, ``bbox`` 4 finite
+    numbers, ``area`` a number, ``iscrowd`` 0/1 or a bool), a repeated image or category id, an
+    annotation whose image or category is not declared. ``annotations`` may be absent (image lists)."""
+    if not isinstance(coco, Mapping):
+        raise ValueError(f"{ann_file}: must hold a JSON object, got {type(coco).__name__}")
+    for key in ("images", "categories") + (("annotations",) if "annotations" in coco else ()):
+        if not isinstance(coco.get(key), list):
+            raise ValueError(f"{ann_file}: {key!r} must be a list, got {type(coco.get(key)).__name__}")
+    category_ids = set()
+    for i, category in enumerate(coco["categories"]):
+        where = f"categories[{i}] in {ann_file}"
+        category_id = _value(category, "id", where)
+        _value(category, "name", where, lambda v: isinstance(v, str), "a string")
+        if category_id in category_ids:
+            raise ValueError(f"{where}: category id {category_id} is declared twice")
+        category_ids.add(category_id)
+    file_names: dict[int, str] = {}
+    for i, image in enumerate(coco["images"]):
+        where = f"image {image.get('id') if isinstance(image, Mapping) else '?'} (images[{i}]) in {ann_file}"
+        image_id = _value(image, "id", where)
+        file_name = _value(image, "file_name", where, lambda v: isinstance(v, str), "a string")
+        for key in ("width", "height"):
+            _value(image, key, where, lambda v: _is_int(v) and v > 0, "a positive integer")
+        if image_id in file_names:
+            raise ValueError(
+                f"{ann_file}: image id {image_id} is used by both {file_names[image_id]!r} and {file_name!r}; "
+                "image ids must be unique"
+            )
+        file_names[image_id] = file_name
+    for i, ann in enumerate(coco.get("annotations", ())):
+        if isinstance(ann, Mapping):
+            where = f"annotation {ann.get('id')} (image {ann.get('image_id')}) in {ann_file}"
+        else:
+            where = f"annotations[{i}] in {ann_file}"
+        _value(ann, "id", where)
+        if _value(ann, "image_id", where) not in file_names:
+            raise ValueError(f"{where}: image id not in the file's images")
+        category_id = _value(ann, "category_id", where)
+        if category_id not in category_ids:
+            raise ValueError(f"{where}: category id {category_id} not in {sorted(category_ids)}")
+        _value(ann, "bbox", where, _is_box, "[x, y, width, height]: 4 finite numbers")
+        if "area" in ann:
+            _value(ann, "area", where, lambda v: _is_number(v) and math.isfinite(v), "a finite number")
+        if "iscrowd" in ann:
+            _value(ann, "iscrowd", where, lambda v: v in (0, 1) and type(v) in (int, bool), "0, 1 or a bool")
 
 
 @dataclass(frozen=True)
@@ -195,7 +270,13 @@ def load_hub_detection_dataset(
             if not isinstance(objs, Mapping):  # a list of per-object dicts -> dict of lists
                 keys = objs[0].keys() if objs else ("bbox", "category")
                 objs = {k: [o[k] for o in objs] for k in keys}
-            boxes = np.asarray(objs["bbox"], dtype=np.float64).reshape(-1, 4)
+            try:
+                boxes = np.asarray(objs["bbox"], dtype=np.float64).reshape(-1, 4)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{name} ({split}) row {row}: objects.bbox must be [N, 4] numbers ({err})") from None
+            iscrowd = objs.get("iscrowd") or [0] * len(boxes)
+            if any(value not in (0, 1) or type(value) not in (int, bool) for value in iscrowd):
+                raise ValueError(f"{name} ({split}) row {row}: objects.iscrowd must be 0/1 or bools, got {iscrowd}")
             if bbox_format == "xyxy":
                 boxes[:, 2:] -= boxes[:, :2]
             n = len(boxes)
@@ -203,7 +284,7 @@ def load_hub_detection_dataset(
             out.append({
                 "id": ids, "bbox": boxes.tolist(), "category": objs["category"],
                 "area": objs.get("area") or (boxes[:, 2] * boxes[:, 3]).tolist(),
-                "iscrowd": objs.get("iscrowd") or [0] * n,
+                "iscrowd": [int(value) for value in iscrowd],
             })  # fmt: skip
         return {"objects": out}
 

@@ -26,12 +26,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from .images import SIZE_MISMATCH, UNREADABLE, describe_image, read_example_image
+
+logger = logging.getLogger(__name__)
 
 # COCOeval.stats order: AP@[.5:.95], AP@.5, AP@.75, AP small/medium/large, AR@1, AR@10, AR@100,
 # AR small/medium/large (AR by area at maxDets=100).
@@ -60,10 +65,14 @@ def coco_from_examples(examples: Iterable[Mapping], categories: Iterable | None 
             pycocotools. Default: the categories seen in `examples`.
 
     Crowd objects (`iscrowd=1`) are kept: COCOeval uses them to ignore detections that land on them.
+    A repeated image id raises ValueError naming it (its images' predictions would be scored as one).
     """
-    images, annotations, seen = [], [], set()
+    images, annotations, seen, image_ids = [], [], set(), set()
     for example in examples:
         image_id = int(example["image_id"])
+        if image_id in image_ids:
+            raise ValueError(f"image id {image_id} is used by several examples; image ids must be unique")
+        image_ids.add(image_id)
         images.append({"id": image_id, "width": int(example["width"]), "height": int(example["height"])})
         for obj in _objects_as_rows(example["objects"]):
             x, y, w, h = (float(v) for v in obj["bbox"])
@@ -256,7 +265,8 @@ def evaluate_model(
     accelerator: Any = None,
     threshold: float = 0.0,
     num_workers: int = 0,
-) -> dict[str, float]:
+    return_stats: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, int]]:
     """COCO metrics of `model` on a Hub-schema detection dataset.
 
     Args:
@@ -264,7 +274,8 @@ def evaluate_model(
             (cxcywh, 0..1), e.g. `HfDetrForObjectDetection` (possibly wrapped by `accelerator`).
         image_processor: `HfDetrImageProcessor` (or any processor with `__call__(images=...)` and
             `post_process_object_detection(outputs, threshold, target_sizes)`).
-        dataset: indexable examples with `image` (PIL) plus the ground-truth fields (module docstring).
+        dataset: indexable examples with `image` (a PIL image, a path, or a `datasets.Image` value; a
+            `datasets.Dataset` is read undecoded) plus the ground-truth fields (module docstring).
         category_map: contiguous label -> dataset category id (`hf_detr.data.CategoryMap`, callable,
             list or dict).
         batch_size: images per forward pass (per process).
@@ -272,22 +283,44 @@ def evaluate_model(
             the predictions are gathered. Every process must call this; all return the same dict.
         threshold: score threshold of post-processing; 0 keeps all queries, as COCO evaluation of
             DETR does (COCOeval keeps the best 100 per image).
+        return_stats: also return the counts of evaluated and skipped images.
+
+    Images are decoded as in training (`hf_detr.images.decode_image`: EXIF orientation applied).
+    An image that cannot be read or preprocessed, or whose decoded size differs from the example's
+    `width` x `height`, is skipped with a warning naming it, counted, and left out of the metrics; if
+    no image is left, ValueError.
 
     Returns:
-        the 12 COCO metrics, keys `COCO_METRIC_NAMES`.
+        the 12 COCO metrics, keys `COCO_METRIC_NAMES`; with `return_stats`, also `{"images",
+        "evaluated", "skipped_images", "size_mismatch"}` over the whole split (all processes).
     """
     evaluator = CocoEvaluator.from_examples(_ground_truth_view(dataset), label_to_category=category_map)
+    num_images = len(evaluator.coco_gt.dataset["images"])
+    if num_images and not evaluator.coco_gt.dataset["annotations"]:
+        logger.warning("the evaluation split has no annotations: COCOeval reports -1 for every metric")
+    if hasattr(dataset, "cast_column") and "image" in dataset.column_names:
+        import datasets
 
-    def collate(examples: list[Mapping]) -> dict[str, torch.Tensor]:
-        images = [example["image"].convert("RGB") for example in examples]
-        inputs = image_processor(images=images, return_tensors="pt")
-        # Original size in the annotations' frame (metadata when present), [B,2] as (height, width).
-        sizes = [(ex.get("height") or im.height, ex.get("width") or im.width) for ex, im in zip(examples, images)]
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))  # decoded below, one by one
+
+    def collate(examples: list[Mapping]) -> dict[str, Any]:
+        images, image_ids, sizes, skipped = [], [], [], []
+        for example in examples:
+            image_id = int(example["image_id"])
+            image, status, why = read_example_image(example["image"], example.get("width"), example.get("height"))
+            if image is None:
+                skipped.append((image_id, status, f"{describe_image(example['image'], image_id)}: {why}"))
+                continue
+            images.append(image)
+            image_ids.append(image_id)
+            sizes.append((image.height, image.width))  # = (height, width) of the annotations, checked above
+        inputs, kept = _preprocess(image_processor, images, image_ids, skipped)
         return {
-            "pixel_values": inputs["pixel_values"],
-            "pixel_mask": inputs.get("pixel_mask"),
-            "image_ids": torch.tensor([int(example["image_id"]) for example in examples]),
-            "target_sizes": torch.tensor(sizes),
+            "pixel_values": inputs["pixel_values"] if inputs else None,
+            "pixel_mask": inputs.get("pixel_mask") if inputs else None,
+            "image_ids": torch.tensor([image_ids[i] for i in kept], dtype=torch.long),
+            "target_sizes": torch.tensor([sizes[i] for i in kept], dtype=torch.long).reshape(-1, 2),
+            "skipped": skipped,  # (image_id, UNREADABLE or SIZE_MISMATCH, why)
         }
 
     loader = torch.utils.data.DataLoader(
@@ -301,7 +334,14 @@ def evaluate_model(
 
     was_training = model.training
     model.eval()
+    skipped: dict[int, int] = {}
     for batch in loader:
+        for image_id, status, why in batch["skipped"]:
+            if image_id not in skipped:  # accelerate may repeat images to even out the last batch
+                logger.warning("evaluation: skipping image %s", why)
+            skipped[image_id] = status
+        if batch["pixel_values"] is None:
+            continue
         pixel_mask = batch["pixel_mask"].to(device) if batch["pixel_mask"] is not None else None
         outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=pixel_mask)
         results = image_processor.post_process_object_detection(
@@ -309,4 +349,41 @@ def evaluate_model(
         )
         evaluator.update(batch["image_ids"], results)
     model.train(was_training)
-    return evaluator.compute()
+    if _num_processes() > 1:
+        from accelerate.utils import gather_object
+
+        skipped = dict(gather_object(list(skipped.items())))
+    if num_images and len(skipped) >= num_images:
+        raise ValueError(f"none of the {num_images} evaluation images could be used (see the warnings above)")
+    metrics = evaluator.compute()
+    if not return_stats:
+        return metrics
+    statuses = list(skipped.values())
+    stats = {
+        "images": num_images,
+        "evaluated": num_images - len(skipped),
+        "skipped_images": statuses.count(UNREADABLE),
+        "size_mismatch": statuses.count(SIZE_MISMATCH),
+    }
+    return metrics, stats
+
+
+def _preprocess(image_processor: Any, images: list, image_ids: list[int], skipped: list) -> tuple[Any, list[int]]:
+    """``image_processor(images)`` -> (inputs or None, indices of the images in them). Should the
+    batch fail (e.g. an image of extreme aspect ratio that the resize rule takes to 0 pixels), each
+    image is processed alone to find the ones at fault, which join ``skipped`` as unreadable."""
+    if not images:
+        return None, []
+    try:
+        return image_processor(images=images, return_tensors="pt"), list(range(len(images)))
+    except Exception:  # noqa: BLE001  (whatever the processor raises; the culprit is named below)
+        kept = []
+        for i, (image, image_id) in enumerate(zip(images, image_ids)):
+            try:
+                image_processor(images=[image], return_tensors="pt")
+                kept.append(i)
+            except Exception as err:  # noqa: BLE001
+                why = f"image_id {image_id} ({image.width}x{image.height}): the image processor failed: {type(err).__name__}: {err}"
+                skipped.append((image_id, UNREADABLE, why))
+        inputs = image_processor(images=[images[i] for i in kept], return_tensors="pt") if kept else None
+        return inputs, kept

@@ -19,14 +19,26 @@ from torch import nn
 from .box_ops import center_planes, l1_and_generalized_box_iou_planes
 
 
-def check_labels(labels: list[dict], num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def check_labels(labels: list[dict], num_labels: int, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Raise a ValueError naming the image index and annotation position of the first bad target:
-    boxes must be finite cxcywh in [0, 1] with positive size, class ids in [0, num_labels).
+    one dict per image of the batch (``batch_size``, when given), integer class ids in
+    [0, num_labels), finite float cxcywh boxes in [0, 1] with positive size.
     -> every image's class_labels [N] and boxes [N, 4], concatenated in image order."""
+    if not isinstance(labels, (list, tuple)):
+        raise ValueError(f"labels must be a list with one dict per image, got {type(labels).__name__}")
+    if batch_size is not None and len(labels) != batch_size:
+        raise ValueError(f"labels has {len(labels)} entries for a batch of {batch_size} images: one dict per image")
     for image_index, target in enumerate(labels):
-        if "class_labels" not in target or "boxes" not in target:
-            raise ValueError(f"labels[{image_index}] must have 'class_labels' and 'boxes', got keys {sorted(target)}")
+        if not isinstance(target, dict) or "class_labels" not in target or "boxes" not in target:
+            got = f"keys {sorted(target)}" if isinstance(target, dict) else type(target).__name__
+            raise ValueError(f"labels[{image_index}] must have 'class_labels' and 'boxes', got {got}")
         classes, boxes = target["class_labels"], target["boxes"]
+        if not _is_integer_vector(classes):
+            what = f"{classes.dtype} of shape {tuple(classes.shape)}" if torch.is_tensor(classes) else type(classes).__name__
+            raise ValueError(f"labels[{image_index}]['class_labels'] must be an integer tensor [N], got {what}")
+        if not torch.is_tensor(boxes) or not boxes.is_floating_point():
+            what = boxes.dtype if torch.is_tensor(boxes) else type(boxes).__name__
+            raise ValueError(f"labels[{image_index}]['boxes'] must be a float tensor [N, 4], got {what}")
         if boxes.ndim != 2 or boxes.shape[-1] != 4 or boxes.shape[0] != classes.shape[0]:
             raise ValueError(
                 f"labels[{image_index}]: 'boxes' must be [N, 4] with N = len(class_labels) = {len(classes)}, "
@@ -57,6 +69,11 @@ def check_labels(labels: list[dict], num_labels: int) -> tuple[torch.Tensor, tor
         else f"class id {class_id} is outside [0, {num_labels})"
     )
     raise ValueError(f"labels[{image_index}], annotation {position}: {what}")
+
+
+def _is_integer_vector(values) -> bool:
+    integer = torch.is_tensor(values) and not (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool)
+    return integer and values.ndim == 1
 
 
 def _bad_boxes(boxes: torch.Tensor) -> torch.Tensor:
@@ -241,7 +258,7 @@ class SetCriterion(nn.Module):
         "_dn" before that suffix, and "cardinality_error" (a metric, not in loss).
         """
         num_layers = logits.shape[0]
-        check_labels(labels, self.class_loss.num_labels)
+        check_labels(labels, self.class_loss.num_labels, logits.shape[1])
         num_boxes = num_boxes_across_processes(labels, logits.device)
         num_groups = queries.num_groups if queries is not None else 1
         num_denoising = queries.num_denoising if queries is not None else 0

@@ -93,6 +93,35 @@ class HfDetrObjectDetectionOutput(ModelOutput):
 # ---------------------------------------------------------------------------------------------- backbone
 
 
+def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> None:
+    """Raise a ValueError naming the argument and the shapes when the model cannot read the batch:
+    pixel_values must be [B, C, H, W] with B >= 1; pixel_mask, if given, [B, H, W] with at least one
+    real (non-zero) pixel per image (rather than a silent resize or broadcast, or an image with nothing
+    to attend to). The per-image check reads the mask on the host; it is skipped while compiling or
+    tracing, and on the meta device (no data)."""
+    if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
+        raise ValueError(f"pixel_values must be [batch_size >= 1, channels, height, width], got shape {tuple(pixel_values.shape)}")
+    if pixel_mask is None:
+        return
+    batch, _, height, width = pixel_values.shape
+    if tuple(pixel_mask.shape) != (batch, height, width):
+        raise ValueError(
+            f"pixel_mask must be [batch_size, height, width] = {(batch, height, width)} for pixel_values of shape "
+            f"{tuple(pixel_values.shape)}, got {tuple(pixel_mask.shape)}"
+        )
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or pixel_mask.device.type == "meta":
+        return
+    # Exact and cheap for DETR's padding (bottom / right): a real top-left pixel in every image is enough.
+    if bool(pixel_mask[:, 0, 0].all()):
+        return
+    has_pixels = pixel_mask.flatten(1).any(1)
+    if not bool(has_pixels.all()):
+        empty = (~has_pixels).nonzero().flatten().tolist()
+        raise ValueError(f"pixel_mask of image(s) {empty} is all zeros: every image needs at least one real pixel")
+
+
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine parameters (DETR trains with small batches, so
     batch statistics are never updated). eps 1e-5 as in torchvision's and transformers' versions.
@@ -382,6 +411,7 @@ class HfDetrModel(HfDetrPreTrainedModel):
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        check_pixel_inputs(pixel_values, pixel_mask)
         batch, _, height, width = pixel_values.shape
         if pixel_mask is None:
             pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)
@@ -448,7 +478,7 @@ class HfDetrForObjectDetection(HfDetrPreTrainedModel):
         labels: per image {"class_labels": Long[N], "boxes": Float[N, 4] cxcywh normalised 0..1}."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None:
-            check_labels(labels, self.config.num_labels)  # before any query is made from them
+            check_labels(labels, self.config.num_labels, pixel_values.shape[0])  # before any query is made from them
         outputs = self.model(
             pixel_values, pixel_mask, output_attentions, output_hidden_states, return_dict=True, labels=labels,
             box_head=self.bbox_predictor, output_intermediate_hidden_states=True, output_decoder_queries=True,

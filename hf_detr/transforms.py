@@ -24,7 +24,6 @@ size, which DETR does not do: its crop keeps its own random height and width).
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import random
 from collections.abc import Sequence
@@ -35,10 +34,11 @@ import albumentations as A
 import cv2
 import datasets
 import numpy as np
-import PIL.Image
 import torch
 from albumentations.augmentations.crops.transforms import BaseCrop
 from albumentations.pytorch import ToTensorV2
+
+from .images import SIZE_MISMATCH, UNREADABLE, describe_image, read_example_image
 
 if TYPE_CHECKING:
     from .data import CategoryMap
@@ -61,9 +61,11 @@ def detr_resize_shape(height: int, width: int, size: int, max_size: int | None) 
     short, long = min(height, width), max(height, width)
     if max_size is not None and long * size / short > max_size:
         size = int(round(max_size * short / long))
+    # At least one pixel per edge: for an extreme aspect ratio (e.g. 300x1) the rule gives 0.
+    size = max(size, 1)
     if height <= width:
-        return size, int(size * width / height)
-    return int(size * height / width), size
+        return size, max(int(size * width / height), 1)
+    return max(int(size * height / width), 1), size
 
 
 class DetrResize(A.DualTransform):
@@ -242,9 +244,9 @@ class DataStats:
     """What the annotation checks and the image loader fixed or skipped (print it in a run summary).
 
     The annotation counts are made once, in the process that builds the `DetectionDataset`, without
-    decoding images. ``skipped_images`` is counted where images are decoded: DataLoader workers mark
-    them in one shared-memory tensor, so it covers all workers; it counts distinct images (not once
-    per epoch), among those read so far.
+    decoding images. ``skipped_images`` and ``size_mismatch`` are counted where images are decoded:
+    DataLoader workers mark them in one shared-memory tensor, so they cover all workers; they count
+    distinct images (not once per epoch), among those read so far.
     """
 
     images: int = 0
@@ -254,6 +256,7 @@ class DataStats:
     dropped_zero_area: int = 0  # boxes with width or height <= 0 (after clipping), dropped
     crowd_ignored: int = 0  # iscrowd boxes: not targets; kept in "crowd_boxes" for evaluation
     skipped_images: int = 0  # image files that could not be read; their examples are dropped
+    size_mismatch: int = 0  # images whose decoded size differs from their width/height; dropped too
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -264,17 +267,26 @@ def prepare_targets(dataset: datasets.Dataset, categories: CategoryMap) -> tuple
 
     Returns one dict per row: ``image_id``, ``boxes`` float32 [N,4] COCO xywh pixels inside the
     image with positive size, ``class_labels`` int64 [N] contiguous, ``iscrowd`` bool [N]; and the
-    counts. An unknown category id raises ValueError naming the annotation and image ids.
+    counts. An unknown category id or a box with a non-finite coordinate raises ValueError naming the
+    annotation and image ids; a split without any box is warned about. (Rows may repeat an image,
+    e.g. to oversample it: each row keeps its own boxes.)
     """
     stats, targets = DataStats(), []
     view = dataset.select_columns(["image_id", "width", "height", "objects"])
     for batch in view.iter(batch_size=1000):
         for image_id, width, height, objs in zip(batch["image_id"], batch["width"], batch["height"], batch["objects"]):
             boxes = np.asarray(objs["bbox"], dtype=np.float64).reshape(-1, 4)
+            finite = np.isfinite(boxes).all(axis=1)
+            if not finite.all():
+                j = int(np.argmin(finite))
+                raise ValueError(
+                    f"annotation {objs['id'][j]} (image {image_id}): bbox must be 4 finite numbers "
+                    f"[x, y, width, height], got {boxes[j].tolist()}"
+                )
             corners = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
             clipped = np.clip(corners, 0, [width, height, width, height])
             size = clipped[:, 2:] - clipped[:, :2]
-            keep = (size > 0).all(axis=1)  # NaN boxes fail this too
+            keep = (size > 0).all(axis=1)
             stats.dropped_zero_area += int((~keep).sum())
             stats.clipped += int((keep & (clipped != corners).any(axis=1)).sum())
             labels = []
@@ -297,12 +309,19 @@ def prepare_targets(dataset: datasets.Dataset, categories: CategoryMap) -> tuple
                 "class_labels": np.asarray(labels, dtype=np.int64),
                 "iscrowd": iscrowd,
             })  # fmt: skip
+    if stats.images and not stats.objects:
+        logger.warning(
+            "none of the %d images has a box to learn from (no annotations, or only crowd / zero-area ones): "
+            "a model trained on this split only learns 'no object'", stats.images
+        )
     return targets, stats
 
 
 class DetectionDataset(torch.utils.data.Dataset):
     """Hub-schema rows -> ``{"pixel_values": [3,H,W], "labels": {...}}`` for `collate_fn`, or None
-    when the image file cannot be read (logged, counted in ``stats.skipped_images``).
+    when the image file cannot be read or its size is not the row's width x height (warned once,
+    counted in ``stats.skipped_images`` / ``stats.size_mismatch``). Images are decoded by
+    `decode_image`: EXIF orientation applied, 16-bit greyscale scaled to 8 bits.
 
     ``labels``: ``class_labels`` Long[N], ``boxes`` Float[N,4] cxcywh normalised to 0..1 by the
     transformed size (crowd boxes excluded), ``image_id`` Long[], ``orig_size`` and ``size`` Long[2]
@@ -322,29 +341,39 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.categories = categories
         self.transform = transform
         self.targets, self._stats = prepare_targets(dataset, categories)
-        # Shared memory, so images marked unreadable in DataLoader worker processes are seen here.
-        self._unreadable = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
+        # Per image: 0, or why it was not used (UNREADABLE, SIZE_MISMATCH). Shared memory, so images
+        # marked in DataLoader worker processes are seen here.
+        self.image_status = torch.zeros(len(dataset), dtype=torch.uint8).share_memory_()
         self._worker_id: int | None = None
 
     @property
     def stats(self) -> DataStats:
-        return dataclasses.replace(self._stats, skipped_images=int(self._unreadable.sum()))
+        return self.stats_for(self.image_status)
+
+    def stats_for(self, image_status: torch.Tensor) -> DataStats:
+        """The counts with the given per-image status (e.g. merged over processes: the elementwise max
+        of every process's ``image_status``)."""
+        return dataclasses.replace(
+            self._stats,
+            skipped_images=int((image_status == UNREADABLE).sum()),
+            size_mismatch=int((image_status == SIZE_MISMATCH).sum()),
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def _load_image(self, index: int, image_id: int) -> np.ndarray | None:
-        """``[H,W,3]`` uint8 RGB, or None (warned once and counted) if the file is missing or corrupt."""
-        image = self.dataset[index]["image"]  # {"path", "bytes"}: not decoded yet
-        try:
-            source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-            with PIL.Image.open(source) as im:
-                return np.asarray(im.convert("RGB"))  # convert() forces the full decode
-        except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for bad files
-            if not self._unreadable[index]:
-                logger.warning("skipping unreadable image %s (image_id %s): %s", image.get("path"), image_id, err)
-            self._unreadable[index] = True
+        """``[H,W,3]`` uint8 RGB, or None (warned once and counted) if the file is missing or corrupt
+        or its size is not the row's width x height."""
+        row = self.dataset[index]  # image: {"path", "bytes"}, not decoded yet
+        rgb, status, why = read_example_image(row["image"], row["width"], row["height"])
+        if rgb is None:
+            if not self.image_status[index]:
+                what = "unreadable image" if status == UNREADABLE else "image"
+                logger.warning("skipping %s %s: %s", what, describe_image(row["image"], image_id), why)
+            self.image_status[index] = status
             return None
+        return np.asarray(rgb)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

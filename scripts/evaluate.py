@@ -7,7 +7,9 @@
 The checkpoint is loaded with `AutoModelForObjectDetection` / `AutoImageProcessor` (hf_detr registers
 itself with them); the split goes through processor, model and `post_process_object_detection` with
 the original image sizes, and pycocotools' COCOeval scores it (`hf_detr.evaluation.evaluate_model`).
-The metrics are printed as JSON and, with --output_file, written there.
+The metrics are printed as JSON and, with --output_file, written there, with `data_stats`: the images
+evaluated and those skipped (unreadable, or decoded at another size than the annotated one; each
+also named in a warning).
 """
 
 import argparse
@@ -74,7 +76,7 @@ def main(argv=None):
         where = f"{args.dataset_name} [{args.split}]"
         logger.info(f"{len(dataset)} images of {where}, {accelerator.num_processes} process(es)")
 
-    metrics = evaluate_model(
+    metrics, data_stats = evaluate_model(
         model,
         image_processor,
         dataset,
@@ -83,9 +85,10 @@ def main(argv=None):
         accelerator=accelerator,
         threshold=args.threshold,
         num_workers=args.dataloader_num_workers,
+        return_stats=True,
     )
     if accelerator.is_main_process:  # every process holds the same numbers; one prints them
-        text = json.dumps(metrics, indent=2)
+        text = json.dumps({**metrics, "data_stats": data_stats}, indent=2)
         print(text)
         if args.output_file:
             Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
