@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 from .box_ops import cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
 from .configuration_hf_detr import HfDetrConfig
 from .convert import convert_transformers_detr
+from .explain import Explanation, explain
 from .image_processing import HfDetrImageProcessor, image_processor_for
 from .loss import CLASS_LOSSES, SetCriterion
 from .matching import MATCHERS, HungarianMatcher
@@ -38,6 +39,8 @@ __all__ = [
     "CLASS_LOSSES",
     "MATCHERS",
     "convert_transformers_detr",
+    "explain",
+    "Explanation",
     "cxcywh_to_xyxy",
     "xyxy_to_cxcywh",
     "generalized_box_iou",

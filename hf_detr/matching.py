@@ -147,6 +147,24 @@ class HungarianMatcher(Matcher):
             cost[layers] = self._layer_costs(class_term[layers], pred[:, layers], target)
         return cost
 
+    @torch.no_grad()
+    def pair_costs(self, logits, pred_boxes, target: dict, query_idx, target_idx) -> dict[str, torch.Tensor]:
+        """The cost of given pairs, term by term, as this matcher weighs them. One layer of one image:
+        logits [Q, C], pred_boxes [Q, 4] (cxcywh, 0..1), target {"class_labels": [N], "boxes": [N, 4]},
+        pairs (query_idx [M], target_idx [M]) -> {"class": the class term (-p(class) or the focal cost),
+        "l1": L1 of the cxcywh boxes, "giou": their GIoU, "total": class_cost * class + bbox_cost * l1
+        - giou_cost * giou}, each [M]; "total" is the entry of `target_costs` for the pair."""
+        classes = target["class_labels"][target_idx].to(logits.device)
+        if self.class_cost_type == "focal":
+            class_term = self._focal_cost(logits[query_idx, classes].float())
+        else:
+            class_term = -logits.float().log_softmax(-1)[query_idx, classes].exp()
+        l1, giou = l1_and_generalized_box_iou_planes(
+            center_planes(pred_boxes[query_idx].float()), center_planes(target["boxes"][target_idx].to(logits.device, torch.float32))
+        )
+        total = self.class_cost * class_term + self.bbox_cost * l1 - self.giou_cost * giou
+        return {"class": class_term, "l1": l1, "giou": giou, "total": total}
+
     def _focal_cost(self, logit: torch.Tensor) -> torch.Tensor:
         p, alpha, gamma = logit.sigmoid(), self.focal_alpha, self.focal_gamma
         positive = alpha * (1 - p) ** gamma * -(p + 1e-8).log()

@@ -488,8 +488,7 @@ class HfDetrForObjectDetection(HfDetrPreTrainedModel):
         decoded, references = outputs.intermediate_hidden_states, outputs.reference_boxes
         if not self.config.auxiliary_loss:
             decoded, references = decoded[-1:], None if references is None else references[-1:]
-        all_logits = self.class_labels_classifier(decoded)
-        all_boxes = self.bbox_predictor(decoded, references)
+        all_logits, all_boxes = self.layer_predictions(decoded, references)
 
         loss = loss_dict = None
         if labels is not None:
@@ -517,6 +516,11 @@ class HfDetrForObjectDetection(HfDetrPreTrainedModel):
             reference_boxes=None if outputs.reference_boxes is None else outputs.reference_boxes[:, :, group_0],
         )
         return output if return_dict else output.to_tuple()
+
+    def layer_predictions(self, hidden_states: torch.Tensor, references: torch.Tensor | None = None):
+        """The shared heads on decoder outputs: hidden_states [L, B, T, D] (intermediate_hidden_states),
+        references [L, B, T, r] or None -> (logits [L, B, T, C], pred_boxes [L, B, T, 4])."""
+        return self.class_labels_classifier(hidden_states), self.bbox_predictor(hidden_states, references)
 
 
 # Saving a model copies the model-surface files next to config.json (remote code loading).

@@ -1,0 +1,279 @@
+"""See inside a DETR: every decoder layer's predictions, the Hungarian matching with its cost terms, and
+the attention, for one image (`explain`) or over a split (`query_statistics`).
+
+Everything comes from the model itself: its decoder's per-layer hidden states through its own shared
+heads (`HfDetrForObjectDetection.layer_predictions`, what its loss uses), its attention probabilities
+(`output_attentions`), and its loss's own matcher. Training side: never imported by the model surface.
+
+    explanation = hf_detr.explain(model, "photo.jpg", image_processor=processor)
+    explanation.scores[-1]       # [Q, K] the final layer's class probabilities
+    explanation.cross_attention  # [L, heads, Q, h, w] where each query looked, per decoder layer
+    hf_detr.visualize.write_report(explanation, "out/")   # the HTML page and its PNGs
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .box_ops import cxcywh_to_xyxy
+from .image_processing import image_processor_for
+from .images import decode_image
+
+
+@dataclass
+class Explanation:
+    """One image through a DETR. L decoder layers, Q queries (group 0: those the model predicts with),
+    K classes, a feature map of h x w cells; boxes are cxcywh normalised to the image (0..1).
+
+    image: the image (PIL, RGB, EXIF-applied). names: class label -> name.
+    scores [L, Q, K]: each layer's class probabilities ("no object" left out for the softmax loss).
+    boxes [L, Q, 4]; references [L, Q, 2 | 4] or None: what each layer's boxes are predicted relative to.
+    feature_mask [h, w]: True on cells of the image, False on padding.
+    cross_attention [L, heads, Q, h, w]: each query's attention over the feature map, per decoder layer.
+    encoder_points [P, 2]: (x, y) pixels of the encoder attention maps; encoder_attention [E, heads, P, h, w].
+    labels: the ground truth given ({"class_labels" [N], "boxes" [N, 4]}), or None. With it:
+    matches: per layer (query_idx [M], target_idx [M]), the model's matcher's assignment;
+    match_costs: per layer {"class", "l1", "giou", "total"} [M], each pair's cost terms (`pair_costs`).
+    training_queries: with `training_queries=True`, the whole training layout of the decoder (every
+    query group, and with labels the denoising queries first): all_scores [L, T, K], all_boxes [L, T, 4],
+    num_groups, num_denoising; otherwise T = Q and those repeat scores and boxes."""
+
+    image: Any
+    names: dict[int, str]
+    threshold: float
+    scores: torch.Tensor
+    boxes: torch.Tensor
+    references: torch.Tensor | None
+    feature_mask: torch.Tensor
+    cross_attention: torch.Tensor
+    encoder_points: torch.Tensor
+    encoder_attention: torch.Tensor
+    all_scores: torch.Tensor
+    all_boxes: torch.Tensor
+    num_groups: int = 1
+    num_denoising: int = 0
+    labels: dict | None = None
+    matches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    match_costs: list[dict[str, torch.Tensor]] | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.scores.shape[0]
+
+    def detections(self, layer: int = -1) -> torch.Tensor:
+        """Query indices whose best class score reaches the threshold in `layer`, best first."""
+        best = self.scores[layer].max(-1).values
+        keep = (best >= self.threshold).nonzero().flatten()
+        return keep[best[keep].argsort(descending=True)]
+
+    def boxes_in_pixels(self, boxes: torch.Tensor) -> torch.Tensor:
+        """[..., 4] cxcywh normalised -> [..., 4] xyxy in the image's pixels."""
+        width, height = self.image.size
+        return cxcywh_to_xyxy(boxes) * torch.tensor([width, height, width, height], dtype=boxes.dtype)
+
+    def assignment(self, layer: int) -> dict[int, int]:
+        """query -> target of the matcher in `layer` (with labels)."""
+        query_idx, target_idx = self.matches[layer]
+        return dict(zip(query_idx.tolist(), target_idx.tolist()))
+
+    def changed_assignments(self) -> list[list[int]]:
+        """Per layer after the first: the queries whose matched target differs from the layer before
+        (matched then, or now, or to another target)."""
+        changed = []
+        for layer in range(1, self.num_layers):
+            before, now = self.assignment(layer - 1), self.assignment(layer)
+            changed.append(sorted(q for q in set(before) | set(now) if before.get(q) != now.get(q)))
+        return changed
+
+
+def _inputs(image, image_processor) -> tuple[Any, dict[str, torch.Tensor]]:
+    """An image (path, PIL) -> (the RGB image, {"pixel_values", "pixel_mask"}); or pre-made inputs
+    {"image": PIL, "pixel_values": [1, 3, H, W], "pixel_mask": [1, H, W]} (e.g. a padded batch of one)."""
+    if isinstance(image, Mapping) and "pixel_values" in image:
+        return image["image"], {"pixel_values": image["pixel_values"], "pixel_mask": image.get("pixel_mask")}
+    image = decode_image(image)
+    encoded = image_processor(images=[image], return_tensors="pt")
+    return image, {"pixel_values": encoded["pixel_values"], "pixel_mask": encoded.get("pixel_mask")}
+
+
+def _probabilities(model, logits: torch.Tensor) -> torch.Tensor:
+    """Class logits -> probabilities of the real classes, as the model's class loss defines them."""
+    if model.criterion.class_loss.sigmoid:
+        return logits.sigmoid()
+    return logits.softmax(-1)[..., :-1]
+
+
+@torch.no_grad()
+def explain(
+    model,
+    image,
+    labels: dict | None = None,
+    threshold: float = 0.5,
+    image_processor=None,
+    encoder_points: Iterable[tuple[float, float]] | None = None,
+    training_queries: bool = False,
+) -> Explanation:
+    """Run `image` through `model` (an HfDetrForObjectDetection, put in eval mode) and collect what
+    every decoder layer predicts, how the matcher pairs it with `labels`, and where it attends.
+
+    image: a path, a PIL image, or {"image", "pixel_values", "pixel_mask"} already made.
+    labels: the image's ground truth {"class_labels": Long[N], "boxes": Float[N, 4] cxcywh 0..1}, or None.
+    threshold: the score from which a query counts as a detection (`Explanation.detections`).
+    image_processor: what turns the image into pixel values (default: `image_processor_for(model.config)`;
+        pass the checkpoint's own, which knows the size it was trained at).
+    encoder_points: (x, y) pixels whose encoder self-attention to collect (default: the centres of up
+        to 4 final detections, else the image centre).
+    training_queries: build the decoder's training layout (every query group; denoising queries too
+        when labels are given): only the query builder is put in training mode, dropout stays off.
+    """
+    model.eval()
+    image, inputs = _inputs(image, image_processor or image_processor_for(model.config))
+    captured = {}
+    hook = model.model.backbone.register_forward_hook(lambda module, args, output: captured.update(mask=output[1]))
+    builder = model.model.queries
+    builder.train(training_queries)
+    try:
+        outputs = model.model(
+            inputs["pixel_values"], inputs["pixel_mask"], output_attentions=True,
+            labels=[labels] if labels is not None and training_queries else None, box_head=model.bbox_predictor,
+            output_intermediate_hidden_states=True, output_decoder_queries=True,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+        builder.eval()
+    logits, boxes = model.layer_predictions(outputs.intermediate_hidden_states, outputs.reference_boxes)
+    layout = outputs.decoder_queries
+    group_0 = slice(layout.num_denoising, layout.num_denoising + model.config.num_queries)
+    feature_mask = captured["mask"][0]  # [h, w]
+    height, width = feature_mask.shape
+
+    def maps(attentions, rows=None):  # per layer [1, heads, T, h*w] -> [layers, heads, T', h, w]
+        stacked = torch.stack([a[0] if rows is None else a[0, :, rows] for a in attentions])
+        return stacked.unflatten(-1, (height, width))
+
+    scores = _probabilities(model, logits[:, 0])
+    explanation = Explanation(
+        image=image,
+        names=dict(model.config.id2label),
+        threshold=threshold,
+        scores=scores[:, group_0],
+        boxes=boxes[:, 0, group_0],
+        references=None if outputs.reference_boxes is None else outputs.reference_boxes[:, 0, group_0],
+        feature_mask=feature_mask,
+        cross_attention=maps(outputs.cross_attentions, group_0),
+        encoder_points=torch.zeros(0, 2),
+        encoder_attention=torch.zeros(0),
+        all_scores=scores,
+        all_boxes=boxes[:, 0],
+        num_groups=layout.num_groups,
+        num_denoising=layout.num_denoising,
+        labels=labels,
+    )
+
+    # the encoder's self-attention at the points' feature cells (the image's real cells span the mask)
+    if encoder_points is None:
+        centres = explanation.boxes_in_pixels(explanation.boxes[-1, explanation.detections()[:4]])
+        encoder_points = ((centres[:, :2] + centres[:, 2:]) / 2).tolist() or [(image.width / 2, image.height / 2)]
+    points = torch.tensor(list(encoder_points), dtype=torch.float32).reshape(-1, 2)
+    real_h, real_w = int(feature_mask.any(1).sum()), int(feature_mask.any(0).sum())
+    columns = (points[:, 0] / image.width * real_w).long().clamp(0, real_w - 1)
+    rows = (points[:, 1] / image.height * real_h).long().clamp(0, real_h - 1)
+    explanation.encoder_points = points
+    explanation.encoder_attention = maps(outputs.encoder_attentions, rows * width + columns)
+
+    if labels is not None:
+        matcher = model.criterion.matcher
+        per_layer = matcher.match_layers(logits[:, :, group_0], boxes[:, :, group_0], [labels])
+        explanation.matches = [pairs[0] for pairs in per_layer]
+        explanation.match_costs = [
+            matcher.pair_costs(logits[layer, 0, group_0], boxes[layer, 0, group_0], labels, *explanation.matches[layer])
+            for layer in range(explanation.num_layers)
+        ]
+    return explanation
+
+
+@dataclass
+class QueryStatistics:
+    """Where each query slot predicts over a split (DETR's figure 7) and how often it is matched.
+
+    centres [I, Q, 2], sizes [I, Q, 2]: every image's final-layer box centre and (w, h), normalised;
+    scores [I, Q]: each prediction's best class score; match_counts [Q, K]: how often the matcher paired
+    slot q with an object of class k over the split (final layer); names: label -> name."""
+
+    centres: torch.Tensor
+    sizes: torch.Tensor
+    scores: torch.Tensor
+    match_counts: torch.Tensor
+    names: dict[int, str]
+
+
+@torch.no_grad()
+def query_statistics(model, examples: Iterable[Mapping], image_processor=None, batch_size: int = 8) -> QueryStatistics:
+    """Every final-layer prediction of every query slot over `examples` (Hub-schema rows: "image", and
+    "objects" with "bbox" COCO xywh pixels and "category" dataset ids mapped by `model.config.category_ids`,
+    crowd objects left out), and how often the model's matcher pairs each slot with each class."""
+    model.eval()
+    image_processor = image_processor or image_processor_for(model.config)
+    category_ids = model.config.category_ids or list(range(model.config.num_labels))
+    to_label = {int(c): i for i, c in enumerate(category_ids)}
+    centres, sizes, scores = [], [], []
+    counts = torch.zeros(model.config.num_queries, model.config.num_labels, dtype=torch.long)
+    batch: list[Mapping] = []
+
+    def run(batch):
+        images = [decode_image(example["image"]) for example in batch]
+        encoded = image_processor(images=images, return_tensors="pt")
+        output = model(pixel_values=encoded["pixel_values"], pixel_mask=encoded.get("pixel_mask"))
+        centres.append(output.pred_boxes[..., :2]), sizes.append(output.pred_boxes[..., 2:])
+        scores.append(_probabilities(model, output.logits).max(-1).values)
+        labels = [_labels(example, image, to_label) for example, image in zip(batch, images)]
+        for (query_idx, target_idx), target in zip(model.criterion.matcher(output.logits, output.pred_boxes, labels), labels):
+            counts.index_put_((query_idx, target["class_labels"][target_idx]), torch.ones_like(query_idx), accumulate=True)
+
+    for example in examples:
+        batch.append(example)
+        if len(batch) == batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    return QueryStatistics(torch.cat(centres), torch.cat(sizes), torch.cat(scores), counts, dict(model.config.id2label))
+
+
+def _labels(example: Mapping, image, to_label: dict[int, int]) -> dict[str, torch.Tensor]:
+    """A Hub-schema row's non-crowd objects -> {"class_labels", "boxes" cxcywh normalised to the image}."""
+    objects = example["objects"]
+    rows = [dict(zip(objects, values)) for values in zip(*objects.values())] if isinstance(objects, Mapping) else list(objects)
+    rows = [row for row in rows if not row.get("iscrowd")]
+    width, height = image.size
+    boxes = torch.tensor([row["bbox"] for row in rows], dtype=torch.float32).reshape(-1, 4)
+    boxes = torch.cat((boxes[:, :2] + boxes[:, 2:] / 2, boxes[:, 2:]), -1) / torch.tensor([width, height, width, height])
+    classes = torch.tensor([to_label[int(row["category"])] for row in rows], dtype=torch.long)
+    return {"class_labels": classes, "boxes": boxes.clamp(0, 1)}
+
+
+def labels_from_coco(coco: Mapping, image_id: int, category_ids: list[int] | None) -> dict[str, torch.Tensor]:
+    """A COCO json's annotations of one image (crowd left out) -> labels for `explain`, in the label
+    order of `category_ids` (the checkpoint's `config.category_ids`; None: ids are the labels)."""
+    images = [im for im in coco["images"] if im["id"] == image_id]
+    if not images:
+        raise ValueError(f"image id {image_id} is not in the annotation file's images")
+    width, height = images[0]["width"], images[0]["height"]
+    to_label = {int(c): i for i, c in enumerate(category_ids)} if category_ids else None
+    objects = [a for a in coco.get("annotations", ()) if a["image_id"] == image_id and not a.get("iscrowd")]
+    classes, boxes = [], []
+    for annotation in objects:
+        category = int(annotation["category_id"])
+        if to_label is not None and category not in to_label:
+            raise ValueError(f"annotation {annotation['id']} (image {image_id}): category id {category} is not one of the model's {category_ids}")
+        classes.append(to_label[category] if to_label else category)
+        x, y, w, h = annotation["bbox"]
+        boxes.append([(x + w / 2) / width, (y + h / 2) / height, w / width, h / height])
+    return {"class_labels": torch.tensor(classes, dtype=torch.long), "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)}
+
+
+__all__ = ["Explanation", "explain", "QueryStatistics", "query_statistics", "labels_from_coco"]

@@ -1,0 +1,80 @@
+"""See inside a DETR checkpoint: an HTML page with PNGs.
+
+    # one image: every decoder layer's predictions, where each detection and a few pixels attend
+    python scripts/explain.py --model outputs/hf-detr-synthetic --image photo.jpg --output_dir explain/
+    # ... with its ground truth: the Hungarian matching per layer and the cost of each matched pair
+    python scripts/explain.py --model outputs/hf-detr-synthetic --image val/000003.jpg \\
+        --annotations annotations/instances_val.json --image_id 3 --output_dir explain/
+    # over a split: where each query slot predicts (DETR's figure 7) and how often it is matched, per class
+    python scripts/explain.py --model outputs/hf-detr-synthetic --dataset /data/coco --split val2017 --output_dir slots/
+
+--model is a checkpoint folder or Hub id (its own image processor is used); --dataset a Hub dataset id or
+a local COCO folder, as scripts/train.py takes them.
+"""
+
+import argparse
+import json
+import logging
+from itertools import islice
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+import hf_detr  # noqa: F401  (registers hf_detr with the Auto classes)
+from hf_detr import data as detr_data
+from hf_detr.explain import explain, labels_from_coco, query_statistics
+from hf_detr.visualize import write_dataset_report, write_report
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--image", default=None, help="an image file")
+    p.add_argument("--annotations", default=None, help="a COCO json with the image's ground truth (with --image_id)")
+    p.add_argument("--image_id", type=int, default=None)
+    p.add_argument("--threshold", type=float, default=0.5, help="score from which a query counts as a detection")
+    p.add_argument("--training_queries", action="store_true", help="also build every query group (and denoising queries)")
+    p.add_argument("--dataset", default=None, help="Hub dataset id or local COCO folder: statistics over a split")
+    p.add_argument("--split", default="val")
+    p.add_argument("--max_images", type=int, default=None)
+    p.add_argument("--trust_remote_code", action="store_true")
+    args = p.parse_args(argv)
+    if (args.image is None) == (args.dataset is None):
+        p.error("give one of --image or --dataset")
+    if (args.annotations is None) != (args.image_id is None):
+        p.error("--annotations and --image_id go together")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
+    model = AutoModelForObjectDetection.from_pretrained(args.model, **kwargs).eval()
+    processor = AutoImageProcessor.from_pretrained(args.model, **kwargs)
+    torch.manual_seed(0)  # denoising queries' noise, with --training_queries
+    if args.image is not None:
+        labels = None
+        if args.annotations:
+            coco = json.loads(Path(args.annotations).read_text())
+            labels = labels_from_coco(coco, args.image_id, model.config.category_ids)
+        explanation = explain(
+            model, args.image, labels=labels, threshold=args.threshold, image_processor=processor,
+            training_queries=args.training_queries,
+        )  # fmt: skip
+        page = write_report(explanation, args.output_dir, title=f"{Path(args.image).name} through {args.model}")
+        logger.info(f"{len(explanation.detections())} detections over {args.threshold}; wrote {page}")
+    else:
+        dataset = detr_data.load_detection_dataset(args.dataset, args.split).dataset
+        examples = islice(dataset, args.max_images) if args.max_images else dataset
+        statistics = query_statistics(model, examples, image_processor=processor)
+        page = write_dataset_report(statistics, args.output_dir, title=f"{args.model}'s query slots on {args.dataset} {args.split}")
+        logger.info(f"{len(statistics.centres)} images; wrote {page}")
+
+
+if __name__ == "__main__":
+    main()
