@@ -3,12 +3,22 @@
 #   make test    runs the test suite
 # Both create .venv on first use. TORCH_SPEC picks the torch build: the default is the CPU wheel
 # this project's CI uses; on a GPU machine use e.g. `make train TORCH_SPEC=torch`.
+#
+# `make test` also runs the tests that need torchvision (timm backbones, transformers' torchvision image
+# processors) in a second environment, .venv-timm: the CPU torch wheel has no torchvision, so that one
+# gets a torch / torchvision pair (a CUDA build that runs on the CPU) and timm.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+TIMM_VENV ?= .venv-timm
+TIMM_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TIMM_BIN := $(TIMM_VENV)/bin
+# what runs in the torchvision environment
+TIMM_TESTS ?= tests/test_timm_backbone.py tests/test_evaluation.py \
+	tests/test_variants.py::test_sigmoid_variants_save_the_top_k_processor tests/test_modeling.py::test_pipeline_on_a_real_photograph
 
-.PHONY: install train test
+.PHONY: install install-timm train test
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -18,8 +28,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[train,dev,export]"
 	touch $@
 
+install-timm: $(TIMM_VENV)/.installed
+
+$(TIMM_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_BIN)/python -m pip install -q --upgrade pip
+	$(TIMM_BIN)/python -m pip install -q $(TIMM_TORCH_SPEC)
+	$(TIMM_BIN)/python -m pip install -q -e ".[train,dev,timm]"
+	touch $@
+
 train: install
 	$(BIN)/accelerate launch scripts/train.py $(ARGS)
 
-test: install
+test: install install-timm
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	$(TIMM_BIN)/python -m pytest -q $(PYTEST_ARGS) $(TIMM_TESTS)

@@ -40,8 +40,13 @@ class HfDetrConfig(PreTrainedConfig):
 
     # --- backbone -------------------------------------------------------------------------------
     backbone_config: dict | PreTrainedConfig | None = None  # AutoBackbone config (ResNet-50 by default)
-    use_pretrained_backbone: bool = False  # load `backbone_checkpoint` weights when the model is built
-    backbone_checkpoint: str = "microsoft/resnet-50"  # ImageNet weights used when use_pretrained_backbone
+    use_pretrained_backbone: bool = False  # load ImageNet weights when the model is built
+    backbone_checkpoint: str = "microsoft/resnet-50"  # the AutoBackbone weights used when use_pretrained_backbone
+    # timm instead (as transformers' DetrConfig spells it; needs timm): any `features_only` model, built
+    # by transformers' TimmBackbone; pretrained weights are timm's own for that name
+    use_timm_backbone: bool = False
+    backbone: str | None = None  # the timm model, "resnet50" if None
+    backbone_kwargs: dict | None = None  # timm.create_model keywords; out_indices default: the last stage
     train_backbone: bool = True  # False freezes the whole backbone
     freeze_backbone_stages: int = 1  # stem + this many leading stages stay frozen (DETR: 1, for ImageNet weights)
     freeze_backbone_batch_norm: bool = True  # DETR's frozen BN; a backbone trained from scratch needs live BN
@@ -106,8 +111,24 @@ class HfDetrConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.id2label is None and kwargs.get("num_labels") is None:
             kwargs["num_labels"] = 91  # COCO's class slots, as in the paper
+        if self.use_timm_backbone:
+            self.backbone_config = self._timm_backbone_config()
         super().__post_init__(**kwargs)
         self.check_values()
+
+    def _timm_backbone_config(self) -> dict | PreTrainedConfig:
+        """transformers' TimmBackboneConfig of `backbone` (the last stage by default), or the given one."""
+        given = self.backbone_config
+        model_type = given.get("model_type") if isinstance(given, dict) else getattr(given, "model_type", None)
+        if model_type == "timm_backbone":
+            return given
+        if given is not None:
+            raise ValueError(f"HfDetrConfig.use_timm_backbone=True with a {model_type!r} backbone_config: give one or the other")
+        kwargs = self.backbone_kwargs or {}
+        return {
+            "model_type": "timm_backbone", "backbone": self.backbone or "resnet50", "num_channels": self.num_channels,
+            "features_only": True, "out_indices": list(kwargs.get("out_indices", [-1])), "output_stride": kwargs.get("output_stride"),
+        }  # fmt: skip
 
     def to_diff_dict(self) -> dict:
         # PreTrainedConfig leaves out an id2label equal to its own default (2 labels); loading such a
@@ -151,6 +172,8 @@ class HfDetrConfig(PreTrainedConfig):
         ):  # fmt: skip
             if getattr(self, field) <= 0:
                 raise ValueError(f"HfDetrConfig.{field} must be positive, got {getattr(self, field)}")
+        if not self.use_timm_backbone and (self.backbone is not None or self.backbone_kwargs):
+            raise ValueError("HfDetrConfig.backbone and backbone_kwargs name a timm model: they need use_timm_backbone=True")
         if self.freeze_backbone_stages < 0:
             raise ValueError(f"HfDetrConfig.freeze_backbone_stages must be >= 0, got {self.freeze_backbone_stages}")
         for field in ("encoder_attention_heads", "decoder_attention_heads"):

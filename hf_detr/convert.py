@@ -50,13 +50,7 @@ _RENAMES = [
     (r"^transformer\.encoder\.norm\.", "model.encoder.layernorm."),
     (r"^class_embed\.", "class_labels_classifier."),
     (r"^bbox_embed\.", "bbox_predictor."),
-    # timm / torchvision ResNet -> transformers ResNet
-    (rf"^{_BACKBONE}conv1\.", _BACKBONE + "embedder.embedder.convolution."),
-    (rf"^{_BACKBONE}bn1\.", _BACKBONE + "embedder.embedder.normalization."),
-    (rf"^{_BACKBONE}layer(\d)\.(\d+)\.downsample\.0\.", lambda m: f"{_BACKBONE}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.convolution."),
-    (rf"^{_BACKBONE}layer(\d)\.(\d+)\.downsample\.1\.", lambda m: f"{_BACKBONE}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.normalization."),
-    (rf"^{_BACKBONE}layer(\d)\.(\d+)\.conv(\d)\.", lambda m: f"{_BACKBONE}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.convolution."),
-    (rf"^{_BACKBONE}layer(\d)\.(\d+)\.bn(\d)\.", lambda m: f"{_BACKBONE}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.normalization."),
+
     # transformer layers: v4 and original names -> ours
     (r"\.(self_attn|encoder_attn|multihead_attn)\.out_proj\.", r".\1.o_proj."),
     (r"\.multihead_attn\.", ".encoder_attn."),
@@ -82,6 +76,15 @@ _RENAMES = [
     (r"(decoder\.layers\.\d+)\.mlp\.final_layer_norm\.", r"\1.final_layer_norm."),
     (r"(layers\.\d+)\.(?:mlp\.)?activation_fn\.", r"\1.mlp.activation."),
 ]
+# timm / torchvision ResNet -> transformers ResNet (AutoBackbone); left out for a timm backbone, which keeps them
+_TIMM_RESNET_RENAMES = [
+    (rf"^{_BACKBONE}conv1\.", _BACKBONE + "embedder.embedder.convolution."),
+    (rf"^{_BACKBONE}bn1\.", _BACKBONE + "embedder.embedder.normalization."),
+    (rf"^{_BACKBONE}layer(\d)\.(\d+)\.downsample\.0\.", lambda m: f"{_BACKBONE}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.convolution."),
+    (rf"^{_BACKBONE}layer(\d)\.(\d+)\.downsample\.1\.", lambda m: f"{_BACKBONE}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.normalization."),
+    (rf"^{_BACKBONE}layer(\d)\.(\d+)\.conv(\d)\.", lambda m: f"{_BACKBONE}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.convolution."),
+    (rf"^{_BACKBONE}layer(\d)\.(\d+)\.bn(\d)\.", lambda m: f"{_BACKBONE}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.normalization."),
+]
 _DAB_ATTENTION = {"self_attn": "self_attn", "cross_attn": "encoder_attn"}
 _CONDITIONAL_PROJECTIONS = {
     "qcontent": "q_proj", "qpos": "q_pos_proj", "kcontent": "k_proj", "kpos": "k_pos_proj", "v": "v_proj", "qpos_sine": "q_sine_proj",
@@ -91,15 +94,17 @@ _CONDITIONAL_PROJECTIONS = {
 _UNUSED = r"^model\.decoder\.bbox_embed\.|decoder\.layers\.[1-9]\d*\.encoder_attn\.q_pos_proj\."
 
 
-def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_state_dict(state_dict: dict[str, torch.Tensor], timm_backbone: bool = False) -> dict[str, torch.Tensor]:
     """Any of the DETR key layouts -> hf_detr's keys. Fused `in_proj_weight` / `in_proj_bias`
     (torch.nn.MultiheadAttention, original DETR) are split into q/k/v projections; DAB-DETR's copy of
-    the box head inside its decoder (tied to `bbox_predictor`) and unused projections (`_UNUSED`) are dropped."""
+    the box head inside its decoder (tied to `bbox_predictor`) and unused projections (`_UNUSED`) are dropped.
+    timm_backbone: for a model with a timm backbone, whose ResNet keeps timm's (= torchvision's) names."""
+    renames = _RENAMES if timm_backbone else _RENAMES + _TIMM_RESNET_RENAMES
     converted = {}
     for key, value in state_dict.items():
         if key.endswith("num_batches_tracked"):
             continue
-        for pattern, replacement in _RENAMES:
+        for pattern, replacement in renames:
             key = re.sub(pattern, replacement, key)
         if re.search(_UNUSED, key):
             continue
@@ -127,16 +132,37 @@ def _coco_names_if_default(id2label: dict[int, str]) -> dict[int, str]:
     return dict(id2label)
 
 
-def config_from_detr_config(detr_config, eos_coefficient: bool = True, **overrides) -> HfDetrConfig:
+def timm_resnet_backbone(resnet_config: ResNetConfig) -> dict:
+    """transformers' ResNet config -> the same network as a timm backbone (use_timm_backbone): its name
+    and the timm.create_model keywords that give it these depths and widths."""
+    if resnet_config.embedding_size != 64:
+        raise ValueError(f"timm's ResNet stem has 64 channels; this ResNet's has {resnet_config.embedding_size}")
+    bottleneck = resnet_config.layer_type == "bottleneck"
+    widths = [size // 4 for size in resnet_config.hidden_sizes] if bottleneck else list(resnet_config.hidden_sizes)
+    kwargs = {"layers": list(resnet_config.depths), "channels": widths}
+    return {"use_timm_backbone": True, "backbone": "resnet50" if bottleneck else "resnet18", "backbone_kwargs": kwargs}
+
+
+def config_from_detr_config(detr_config, eos_coefficient: bool = True, timm_backbone: bool = False, **overrides) -> HfDetrConfig:
     """transformers' DetrConfig -> HfDetrConfig with the same architecture, costs and labels (also the
-    shared part of its Conditional DETR and DAB-DETR configs: eos_coefficient=False, overrides)."""
+    shared part of its Conditional DETR and DAB-DETR configs: eos_coefficient=False, overrides).
+    timm_backbone: keep (or make) the backbone a timm model, else a transformers AutoBackbone ResNet
+    (which needs no timm; timm's ResNet maps onto it)."""
     if getattr(detr_config, "position_embedding_type", "sine") != "sine":
         raise ValueError(f"only the sine position embedding is supported, got {detr_config.position_embedding_type!r}")
     backbone = detr_config.backbone_config
+    backbone_fields = {"backbone_config": backbone}
     if backbone.model_type == "timm_backbone":
         if getattr(detr_config, "dilation", False):
             raise ValueError("DETR-DC5 (dilation=True) is not supported")
-        backbone = resnet_backbone_config(int(re.sub(r"\D", "", backbone.backbone)))
+        if timm_backbone:
+            backbone_fields = {"use_timm_backbone": True, "backbone": backbone.backbone}
+        else:
+            backbone_fields = {"backbone_config": resnet_backbone_config(int(re.sub(r"\D", "", backbone.backbone)))}
+    elif timm_backbone:
+        if backbone.model_type != "resnet":
+            raise ValueError(f"only a ResNet backbone maps onto timm, got {backbone.model_type!r}")
+        backbone_fields = timm_resnet_backbone(backbone)
     same = [
         "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
         "encoder_ffn_dim", "decoder_ffn_dim", "activation_function", "dropout", "attention_dropout",
@@ -149,20 +175,20 @@ def config_from_detr_config(detr_config, eos_coefficient: bool = True, **overrid
     kwargs.update({name: float(getattr(detr_config, name)) for name in ("class_cost", "bbox_cost", "giou_cost")})
     kwargs.update({name: float(getattr(detr_config, name)) for name in ("bbox_loss_coefficient", "giou_loss_coefficient")})
     kwargs.update({name: float(kwargs[name]) for name in ("dropout", "attention_dropout", "activation_dropout")})
-    return HfDetrConfig(backbone_config=backbone, id2label=_coco_names_if_default(detr_config.id2label), **kwargs, **overrides)
+    return HfDetrConfig(**backbone_fields, id2label=_coco_names_if_default(detr_config.id2label), **kwargs, **overrides)
 
 
-def config_from_conditional_detr_config(conditional_config) -> HfDetrConfig:
+def config_from_conditional_detr_config(conditional_config, timm_backbone: bool = False) -> HfDetrConfig:
     """transformers' ConditionalDetrConfig -> HfDetrConfig with query_type "conditional" and the focal
     class loss. transformers' loss weights its class term by 1 (its `cls_loss_coefficient` is unused), and
     so does the converted model, so that both compute the same loss."""
     return config_from_detr_config(
-        conditional_config, eos_coefficient=False, query_type="conditional", class_loss="focal",
+        conditional_config, eos_coefficient=False, timm_backbone=timm_backbone, query_type="conditional", class_loss="focal",
         focal_alpha=float(conditional_config.focal_alpha), ce_loss_coefficient=1.0,
     )  # fmt: skip
 
 
-def config_from_dab_detr_config(dab_config) -> HfDetrConfig:
+def config_from_dab_detr_config(dab_config, timm_backbone: bool = False) -> HfDetrConfig:
     """transformers' DabDetrConfig -> HfDetrConfig with query_type "anchor", the focal class loss, DAB's
     encoder position scaling and spatial temperature, and look_forward_twice (transformers' DAB-DETR, as
     the original, predicts each layer's boxes relative to the un-detached refined anchors). Its class
@@ -176,7 +202,7 @@ def config_from_dab_detr_config(dab_config) -> HfDetrConfig:
     if any(unsupported.values()):
         raise ValueError(f"DAB-DETR options hf_detr does not implement: {[k for k, v in unsupported.items() if v]}")
     return config_from_detr_config(
-        dab_config, eos_coefficient=False, d_model=dab_config.hidden_size, query_type="anchor", class_loss="focal",
+        dab_config, eos_coefficient=False, timm_backbone=timm_backbone, d_model=dab_config.hidden_size, query_type="anchor", class_loss="focal",
         focal_alpha=float(dab_config.focal_alpha), ce_loss_coefficient=1.0, scale_encoder_positions=True,
         position_embedding_temperature=dab_config.temperature_height, look_forward_twice=True,
     )  # fmt: skip
@@ -184,14 +210,14 @@ def config_from_dab_detr_config(dab_config) -> HfDetrConfig:
 
 # transformers' model_type -> the config mapping; convert_transformers_detr takes a model of any of them.
 CONFIG_CONVERTERS = {
-    "detr": lambda config: config_from_detr_config(config),
+    "detr": config_from_detr_config,
     "conditional_detr": config_from_conditional_detr_config,
     "dab-detr": config_from_dab_detr_config,
 }
 
 
 def config_from_original_state_dict(
-    state_dict: dict[str, torch.Tensor], num_heads: int = 8, backbone_config: PreTrainedConfig | None = None
+    state_dict: dict[str, torch.Tensor], num_heads: int = 8, backbone_config: PreTrainedConfig | None = None, timm_backbone: bool = False
 ) -> HfDetrConfig:
     """Infer the architecture of an original facebookresearch/detr checkpoint from its tensors.
 
@@ -209,8 +235,9 @@ def config_from_original_state_dict(
         if layer3_blocks not in (6, 23):
             raise ValueError(f"layer3 has {layer3_blocks} blocks: neither ResNet-50 (6) nor ResNet-101 (23); pass backbone_config")
         backbone_config = resnet_backbone_config({6: 50, 23: 101}[layer3_blocks])
+    backbone_fields = timm_resnet_backbone(backbone_config) if timm_backbone else {"backbone_config": backbone_config}
     return HfDetrConfig(
-        backbone_config=backbone_config,
+        **backbone_fields,
         d_model=state_dict["query_embed.weight"].shape[1],
         num_queries=state_dict["query_embed.weight"].shape[0],
         encoder_layers=count("transformer.encoder.layers."),
@@ -228,24 +255,24 @@ def config_from_original_state_dict(
 def load_converted(config: HfDetrConfig, state_dict: dict[str, torch.Tensor]) -> HfDetrForObjectDetection:
     """Build the model and load converted weights, failing loudly on any key left over or missing."""
     model = HfDetrForObjectDetection(config)
-    converted = convert_state_dict(state_dict)
+    converted = convert_state_dict(state_dict, timm_backbone=config.use_timm_backbone)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if missing or unexpected:
         raise ValueError(f"DETR weights do not fit hf_detr: missing {sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}")
     return model.eval()
 
 
-def convert_transformers_detr(model) -> HfDetrForObjectDetection:
+def convert_transformers_detr(model, timm_backbone: bool = False) -> HfDetrForObjectDetection:
     """A transformers `DetrForObjectDetection`, `ConditionalDetrForObjectDetection` or
     `DabDetrForObjectDetection` in, an `HfDetrForObjectDetection` with the same weights (and matching
-    outputs) out: query_type "detr", "conditional" or "anchor"."""
-    return load_converted(config_from_transformers_config(model.config), model.state_dict())
+    outputs) out: query_type "detr", "conditional" or "anchor". timm_backbone: see config_from_detr_config."""
+    return load_converted(config_from_transformers_config(model.config, timm_backbone), model.state_dict())
 
 
-def config_from_transformers_config(config) -> HfDetrConfig:
+def config_from_transformers_config(config, timm_backbone: bool = False) -> HfDetrConfig:
     if config.model_type not in CONFIG_CONVERTERS:
         raise ValueError(f"cannot convert a {config.model_type!r} model; known: {sorted(CONFIG_CONVERTERS)}")
-    return CONFIG_CONVERTERS[config.model_type](config)
+    return CONFIG_CONVERTERS[config.model_type](config, timm_backbone=timm_backbone)
 
 
 def read_original_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], argparse.Namespace | None]:
@@ -288,6 +315,7 @@ def convert_checkpoint(
     revision: str | None = None,
     num_heads: int | None = None,
     backbone_config: PreTrainedConfig | None = None,
+    timm_backbone: bool = False,
 ) -> HfDetrForObjectDetection:
     """Published DETR weights -> an `HfDetrForObjectDetection` in eval mode, failing on any key that
     does not fit.
@@ -298,7 +326,8 @@ def convert_checkpoint(
     num_heads, backbone_config: `.pth` only, where the tensors do not tell them (see
     config_from_original_state_dict). The head count defaults to the checkpoint's saved `args.nheads`,
     else 8. DETR-DC5 weights have the same tensors as the plain models: a `.pth` without `args` cannot be
-    told apart, so convert only non-DC5 ones.
+    told apart, so convert only non-DC5 ones. timm_backbone: a timm ResNet backbone (keeping the
+    checkpoint's timm / torchvision names) instead of transformers' AutoBackbone ResNet.
     """
     path = Path(checkpoint)
     if path.suffix in (".pth", ".pt") and not path.is_file():
@@ -308,8 +337,8 @@ def convert_checkpoint(
         if getattr(args, "dilation", False):
             raise ValueError("DETR-DC5 (dilation=True) is not supported")
         num_heads = num_heads or getattr(args, "nheads", None) or 8
-        return load_converted(config_from_original_state_dict(state_dict, num_heads, backbone_config), state_dict)
+        return load_converted(config_from_original_state_dict(state_dict, num_heads, backbone_config, timm_backbone), state_dict)
     folder = path if path.is_dir() else _download(str(checkpoint), revision)
     # The config class only reads the json: a timm backbone entry needs no timm (config_from_detr_config maps it).
-    config = config_from_transformers_config(AutoConfig.from_pretrained(folder))
+    config = config_from_transformers_config(AutoConfig.from_pretrained(folder), timm_backbone)
     return load_converted(config, read_transformers_weights(folder))

@@ -165,32 +165,57 @@ def freeze_batch_norm(module: nn.Module) -> None:
 
 
 class HfDetrBackbone(nn.Module):
-    """transformers' AutoBackbone (ResNet-50 last stage by default) with frozen batch norm.
+    """transformers' AutoBackbone (ResNet-50 last stage by default), or a timm `features_only` model
+    (`use_timm_backbone`, through transformers' TimmBackbone), with frozen batch norm.
 
     pixel_values [B, 3, H, W], pixel_mask [B, H, W] (1 = real pixel, 0 = padding)
-    -> feature map [B, C, h, w], mask [B, h, w] (bool, True = real)."""
+    -> feature map [B, C, h, w], mask [B, h, w] (bool, True = real).
+
+    DETR trains the backbone except its stem and first stage (`freeze_backbone_stages`; for a timm
+    model its stem and first stages by timm's feature_info), none of it without `train_backbone`."""
 
     def __init__(self, config: HfDetrConfig):
         super().__init__()
-        if config.use_pretrained_backbone:
-            self.model = AutoBackbone.from_pretrained(
-                config.backbone_checkpoint, out_features=config.backbone_config.out_features
-            )
+        self.timm = config.use_timm_backbone
+        if self.timm:
+            kwargs = {k: v for k, v in (config.backbone_kwargs or {}).items() if k not in ("out_indices", "output_stride")}
+            backbone = AutoBackbone.from_config(config.backbone_config, pretrained=config.use_pretrained_backbone, **kwargs)
+            if config.freeze_backbone_batch_norm:
+                backbone.freeze_batch_norm_2d()  # timm's own, for its BatchNorm2d and BatchNormAct2d
+            self.model = backbone._backbone  # timm's module: its parameters keep timm's names (as DETR's published weights)
+            self.num_channels = self.model.feature_info.channels()[-1]
+            is_early = self._timm_early_parameters(config.freeze_backbone_stages).__contains__
         else:
-            self.model = AutoBackbone.from_config(config.backbone_config)
-        if config.freeze_backbone_batch_norm:
-            with torch.no_grad():
-                freeze_batch_norm(self.model)
-        self.num_channels = self.model.channels[-1]
-        frozen_prefixes = ("embedder.",) + tuple(f"encoder.stages.{i}." for i in range(config.freeze_backbone_stages))
+            if config.use_pretrained_backbone:
+                self.model = AutoBackbone.from_pretrained(config.backbone_checkpoint, out_features=config.backbone_config.out_features)
+            else:
+                self.model = AutoBackbone.from_config(config.backbone_config)
+            if config.freeze_backbone_batch_norm:
+                with torch.no_grad():
+                    freeze_batch_norm(self.model)
+            self.num_channels = self.model.channels[-1]
+            prefixes = ("embedder.",) + tuple(f"encoder.stages.{i}." for i in range(config.freeze_backbone_stages))
+            resnet = config.backbone_config.model_type == "resnet"
+            is_early = lambda name: resnet and config.freeze_backbone_stages > 0 and name.startswith(prefixes)  # noqa: E731
         for name, parameter in self.model.named_parameters():
-            # DETR trains the backbone except its stem and first stage (and none of it if asked).
-            is_early = config.freeze_backbone_stages > 0 and name.startswith(frozen_prefixes)
-            if not config.train_backbone or (config.backbone_config.model_type == "resnet" and is_early):
+            if not config.train_backbone or is_early(name):
                 parameter.requires_grad_(False)
 
+    def _timm_early_parameters(self, stages: int) -> set[str]:
+        """The timm model's parameters up to the end of its `stages`-th stage, a stage being a feature level
+        of stride 4 or more (ResNet: layer1 with stages=1; whatever comes before is the stem)."""
+        levels = [level["module"] for level in self.model.feature_info.info if level["reduction"] >= 4]
+        if stages == 0 or not levels:
+            return set()
+        last = levels[min(stages, len(levels)) - 1]
+        prefixes = (last + ".", last.replace(".", "_") + ".")  # features_only models may flatten module names
+        names = [name for name, _ in self.model.named_parameters()]
+        end = max(i for i, name in enumerate(names) if name.startswith(prefixes))
+        return set(names[: end + 1])
+
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feature_map = self.model(pixel_values).feature_maps[-1]
+        features = self.model(pixel_values)
+        feature_map = features[-1] if self.timm else features.feature_maps[-1]
         mask = F.interpolate(pixel_mask[None].float(), size=feature_map.shape[-2:])[0].bool()
         return feature_map, mask
 

@@ -33,13 +33,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--num_heads", type=int, default=None, help=".pth only: attention heads (default: the saved args, else 8)"
     )
+    p.add_argument("--timm_backbone", action="store_true", help="a timm ResNet backbone (needs timm) instead of transformers' ResNet")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model = convert_checkpoint(args.checkpoint, revision=args.revision, num_heads=args.num_heads)
+    model = convert_checkpoint(args.checkpoint, revision=args.revision, num_heads=args.num_heads, timm_backbone=args.timm_backbone)
     model.save_pretrained(args.output_dir)
     image_processor_for(model.config).save_pretrained(args.output_dir)
     num_parameters = sum(p.numel() for p in model.parameters())
