@@ -2,6 +2,7 @@
 
     python scripts/export_onnx.py --model outputs/hf-detr-synthetic --output model.onnx
     python scripts/export_onnx.py --model you/your-detr --output model.onnx --check   # compare onnxruntime with PyTorch
+    python scripts/export_onnx.py --model outputs/hf-detr-synthetic --output model.onnx --benchmark 20   # latency, side by side
 
 The graph takes pixel_values [B, 3, H, W] float32 and pixel_mask [B, H, W] int64 (what the checkpoint's
 image processor makes) and gives logits [B, Q, C] and pred_boxes [B, Q, 4]; the processor's
@@ -29,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
     p.add_argument("--check", action="store_true", help="compare onnxruntime's outputs with PyTorch's")
+    p.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N interleaved runs of onnxruntime and PyTorch")
+    p.add_argument("--batch_size", type=int, default=1, help="images per run for --benchmark")
     p.add_argument("--trust_remote_code", action="store_true")
     return p.parse_args(argv)
 
@@ -52,6 +55,43 @@ def check(model, processor, path) -> dict[str, float]:
     }
 
 
+def benchmark(model, processor, path, repeats: int, batch_size: int) -> dict[str, float]:
+    """Median seconds per forward of PyTorch (eager, fp32) and onnxruntime on the same batch, interleaved
+    after one warm-up each, and the median of their per-pair ratio."""
+    import statistics
+    import time
+
+    import onnxruntime
+
+    generator = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(480, 640, 3, generator=generator) * 255).to(torch.uint8).numpy()) for _ in range(batch_size)]
+    inputs = processor(images=images, return_tensors="pt")
+    feed = {name: inputs[name].numpy() for name in INPUT_NAMES}
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    detector = Detector(model)
+
+    def timed(run):
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
+    def torch_run():
+        with torch.no_grad():
+            detector(inputs["pixel_values"], inputs["pixel_mask"])
+
+    def onnx_run():
+        session.run(None, feed)
+
+    timed(torch_run), timed(onnx_run)
+    pairs = [(timed(torch_run), timed(onnx_run)) for _ in range(repeats)]
+    return {
+        "pytorch_s": statistics.median(t for t, _ in pairs),
+        "onnxruntime_s": statistics.median(o for _, o in pairs),
+        "pytorch_over_onnxruntime": statistics.median(t / o for t, o in pairs),
+        "input_shape": list(inputs["pixel_values"].shape),
+    }
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -62,6 +102,12 @@ def main(argv=None):
     if args.check:
         differences = check(model, AutoImageProcessor.from_pretrained(args.model, **kwargs), path)
         logger.info("onnxruntime vs PyTorch, max abs diff: " + ", ".join(f"{k} {v:.2e}" for k, v in differences.items()))
+    if args.benchmark:
+        times = benchmark(model, AutoImageProcessor.from_pretrained(args.model, **kwargs), path, args.benchmark, args.batch_size)
+        logger.info(
+            f"input {times['input_shape']}: PyTorch {times['pytorch_s'] * 1e3:.1f} ms, onnxruntime {times['onnxruntime_s'] * 1e3:.1f} ms "
+            f"(median of {args.benchmark}), PyTorch / onnxruntime {times['pytorch_over_onnxruntime']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

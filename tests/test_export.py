@@ -75,8 +75,9 @@ def test_export_script_checks_onnxruntime_against_pytorch(tmp_path, caplog):
     import logging
 
     with caplog.at_level(logging.INFO):
-        script.main(["--model", str(tmp_path / "ckpt"), "--output", str(tmp_path / "model.onnx"), "--check"])
+        script.main(["--model", str(tmp_path / "ckpt"), "--output", str(tmp_path / "model.onnx"), "--check", "--benchmark", "2"])
     assert (tmp_path / "model.onnx").stat().st_size > 10_000
     line = next(r.getMessage() for r in caplog.records if "onnxruntime vs PyTorch" in r.getMessage())
     differences = [float(word) for word in line.replace(",", " ").split() if "e-" in word or word.replace(".", "").isdigit()]
     assert differences and max(differences) <= 1e-4, line
+    assert any("PyTorch / onnxruntime" in r.getMessage() for r in caplog.records)
