@@ -343,6 +343,12 @@ class HfDetrPreTrainedModel(PreTrainedModel):
         self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        # a string names the transformer's attention; the backbone (a CNN, no attention) keeps its own
+        if isinstance(attn_implementation, str):
+            attn_implementation = {"": attn_implementation}
+        return super().set_attn_implementation(attn_implementation, *args, **kwargs)
+
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers skips the modules without parameters of their own in custom code (whose init might
         # write loaded weights in place, unguarded); this `_init_weights` uses torch's init functions, which
