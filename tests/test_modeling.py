@@ -306,3 +306,48 @@ def test_a_fresh_model_has_detrs_initialisation(query_type, class_loss, gain):
         conv = model.model.backbone.model.encoder.stages[-1].layers[0].layer[0].convolution
         fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
         _assert_std(conv.weight, (2 / fan_out) ** 0.5, "backbone convolution")
+
+
+@pytest.mark.parametrize("decoder_layers", [2, 6])
+def test_batched_pipeline_gives_the_unbatched_detections(decoder_layers, tmp_path):
+    """pipeline(images, batch_size=B) splits every output field by image: a per-layer list in the output
+    (auxiliary_outputs, which train.py's auxiliary_loss=True would fill) failed once B >= the layer count."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(decoder_layers=decoder_layers, auxiliary_loss=True))
+    model.save_pretrained(tmp_path)
+    hf_detr.HfDetrImageProcessor(size={"shortest_edge": 48, "longest_edge": 64}).save_pretrained(tmp_path)
+    generator = torch.Generator().manual_seed(1)
+    images = [Image.fromarray(torch.randint(0, 255, (48, 64, 3), generator=generator, dtype=torch.uint8).numpy()) for _ in range(8)]
+    detector = pipeline("object-detection", model=str(tmp_path), threshold=0.0)
+    expected = [detector(image) for image in images]
+    assert all(len(detections) == model.config.num_queries for detections in expected)  # threshold 0: every query
+    for batch_size in (1, 2, 4, 8):
+        batched = detector(images, batch_size=batch_size)
+        assert len(batched) == len(images)
+        for got, want in zip(batched, expected):
+            assert [d["label"] for d in got] == [d["label"] for d in want], batch_size
+            for d, e in zip(got, want):
+                assert d["score"] == pytest.approx(e["score"], abs=1e-5)
+                assert all(abs(d["box"][k] - e["box"][k]) <= 1 for k in e["box"])  # integer pixels
+
+
+def test_building_the_pipeline_logs_only_transformers_built_in_table_error(checkpoint, caplog):
+    """transformers' object-detection pipeline checks the model class against a copy of its built-in table
+    (MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES), not the models registered with AutoModelForObjectDetection, and
+    logs an ERROR line for any other; the pipeline then runs (README, "Use"). If a transformers version
+    accepts registered models there, this test fails and the README's note goes."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.ERROR):
+            detector = pipeline("object-detection", model=str(checkpoint), threshold=0.0)
+    finally:
+        transformers_logging.disable_propagation()
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors and all(e.startswith("The model 'HfDetrForObjectDetection' is not supported for object-detection") for e in errors)
+    assert len(detector(__import__("PIL.Image").Image.new("RGB", (64, 48)))) == 10
