@@ -111,6 +111,8 @@ class HfDetrConfig(PreTrainedConfig):
     # id2label / label2id come from PreTrainedConfig. category_ids[label] is the dataset's own id of
     # each contiguous label (COCO's sparse 1..90), so predictions can be written back in its ids.
     category_ids: list[int] | None = None
+    # the checkpoint these weights were converted from (a Hub id or a path), set by hf_detr.convert
+    converted_from: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.id2label is None and kwargs.get("num_labels") is None:

@@ -5,7 +5,8 @@
     accelerate launch scripts/evaluate.py ...    # shards the split over processes, same numbers
 
 The checkpoint is loaded with `AutoModelForObjectDetection` / `AutoImageProcessor` (hf_detr registers
-itself with them); the split goes through processor, model and `post_process_object_detection` with
+itself with them); a checkpoint of transformers' DETR, Conditional DETR or DAB-DETR is converted to hf_detr
+on the fly; the split goes through processor, model and `post_process_object_detection` with
 the original image sizes, and pycocotools' COCOeval scores it (`hf_detr.evaluation.evaluate_model`).
 The metrics are printed as JSON and, with --output_file, written there, with `data_stats`: the images
 evaluated and those skipped (unreadable, or decoded at another size than the annotated one; each
@@ -20,9 +21,11 @@ from pathlib import Path
 from accelerate import Accelerator
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-import hf_detr  # noqa: F401  (registers hf_detr with the Auto classes)
+import hf_detr  # registers hf_detr with the Auto classes
+from hf_detr.convert import CONFIG_CONVERTERS
 from hf_detr.data import load_detection_dataset
 from hf_detr.evaluation import evaluate_model
+from hf_detr.modeling_hf_detr import checkpoint_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,23 @@ def parse_args(argv=None):
     p.add_argument("--trust_remote_code", action="store_true", help="for checkpoints of other model types")
     p.add_argument("--output_file", default=None, help="write the metrics JSON here too")
     return p.parse_args(argv)
+
+
+def load_model(model_name_or_path, **kwargs):
+    """-> (model, image processor). A checkpoint of transformers' DETR, Conditional DETR or DAB-DETR converts to
+    hf_detr on the fly (HfDetrForObjectDetection.from_pretrained logs it); its own image processor is used when
+    it has one, else the one that fits the converted model (hf_detr.image_processor_for)."""
+    model_type = checkpoint_model_type(model_name_or_path, revision=kwargs.get("revision"))
+    if model_type not in CONFIG_CONVERTERS:
+        model = AutoModelForObjectDetection.from_pretrained(model_name_or_path, **kwargs)
+        return model, AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
+    model = hf_detr.HfDetrForObjectDetection.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
+    except OSError:
+        logger.info(f"{model_name_or_path} has no image processor: using hf_detr.image_processor_for(its config)")
+        image_processor = hf_detr.image_processor_for(model.config)
+    return model, image_processor
 
 
 def label_to_category(config, categories):
@@ -66,8 +86,8 @@ def main(argv=None):
     accelerator = Accelerator()
 
     kwargs = dict(revision=args.revision, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForObjectDetection.from_pretrained(args.model_name_or_path, **kwargs).to(accelerator.device)
-    image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, **kwargs)
+    model, image_processor = load_model(args.model_name_or_path, **kwargs)
+    model = model.to(accelerator.device)
     load_kwargs = {"bbox_format": args.bbox_format} if args.bbox_format else {}
     dataset, categories = load_detection_dataset(args.dataset_name, args.split, **load_kwargs)
     if args.max_eval_samples is not None:
