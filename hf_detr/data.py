@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,9 +241,10 @@ HUB_DATASETS = {
 
 
 def load_hub_detection_dataset(
-    name: str, split: str, bbox_format: str | None = None, categories: CategoryMap | None = None, **load_kwargs
-) -> DetectionData:
-    """``datasets.load_dataset(name, split=split)`` normalised to the Hub schema above.
+    name: str, split: str, bbox_format: str | None = None, categories: CategoryMap | None = None,
+    config_name: str | None = None, **load_kwargs,
+) -> DetectionData:  # fmt: skip
+    """``datasets.load_dataset(name, config_name, split=split)`` normalised to the Hub schema above.
 
     ``bbox_format``: "xywh" or "xyxy" pixels; default from `HUB_DATASETS`, else "xywh".
     ``categories``: needed only when ``objects.category`` is not a ClassLabel.
@@ -252,7 +254,7 @@ def load_hub_detection_dataset(
     bbox_format = bbox_format or (HUB_DATASETS[name].bbox_format if name in HUB_DATASETS else "xywh")
     if bbox_format not in ("xywh", "xyxy"):
         raise ValueError(f"bbox_format must be 'xywh' or 'xyxy', got {bbox_format!r}")
-    ds = datasets.load_dataset(name, split=split, **load_kwargs)
+    ds = datasets.load_dataset(name, config_name, split=split, **load_kwargs)
     missing = {"image", "width", "height", "objects"} - set(ds.column_names)
     if missing:
         raise ValueError(f"{name} ({split}) lacks the columns {sorted(missing)} of the detection schema")
@@ -299,6 +301,24 @@ def load_hub_detection_dataset(
         if ds.features[column] != DETECTION_FEATURES[column]:
             ds = ds.cast_column(column, DETECTION_FEATURES[column])
     return DetectionData(ds, categories)
+
+
+def default_num_workers() -> int:
+    """DataLoader workers per process: the CPUs this process may use, shared by the processes of this
+    machine (one left for the training step), 1 to 4; 0 on a single CPU, where workers gain nothing."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cpus < 2:
+        return 0
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(4, max(1, cpus // processes - 1))
+
+
+def is_missing_split(error: Exception) -> bool:
+    """Whether `load_detection_dataset` failed because the dataset has no such split (a COCO folder
+    without its annotation file, a Hub dataset without the split), not for another reason."""
+    if isinstance(error, FileNotFoundError):
+        return str(error).startswith("no COCO annotation file")
+    return isinstance(error, ValueError) and str(error).startswith("Unknown split")
 
 
 def load_detection_dataset(name_or_path: str | Path, split: str, **kwargs) -> DetectionData:

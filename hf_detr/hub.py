@@ -53,11 +53,16 @@ DEFAULT_IGNORE_PATTERNS = ("step_*", "epoch_*", "checkpoint-*", "runs/*")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def hub_id(name: str | None) -> str | None:
+    """`name` when it reads as a Hub repo id ("user/name" or "name") and is no local path, else None."""
+    if not name or os.path.exists(name) or not _HUB_ID.match(name):
+        return None
+    return name
+
+
 def _hub_dataset_id(dataset_name: str | None) -> str | None:
     """`dataset_name` when it names a Hub dataset, None for a local folder or the synthetic set."""
-    if not dataset_name or os.path.exists(dataset_name) or not _HUB_ID.match(dataset_name):
-        return None
-    return dataset_name
+    return hub_id(dataset_name)
 
 
 def _architecture(model_config: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 import hf_detr  # registers hf_detr with the Auto classes
 from hf_detr.convert import CONFIG_CONVERTERS
-from hf_detr.data import load_detection_dataset
+from hf_detr.data import default_num_workers, load_detection_dataset
 from hf_detr.evaluation import evaluate_model
 from hf_detr.modeling_hf_detr import checkpoint_model_type
 
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--max_eval_samples", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--per_device_eval_batch_size", type=int, default=8)
     p.add_argument("--threshold", type=float, default=0.0, help="post-processing score threshold")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--dataloader_num_workers", type=int, default=None, help="default: from the CPUs, as train.py")
     p.add_argument("--revision", default=None, help="Hub revision of the checkpoint")
     p.add_argument("--trust_remote_code", action="store_true", help="for checkpoints of other model types")
     p.add_argument("--output_file", default=None, help="write the metrics JSON here too")
@@ -80,8 +80,19 @@ def label_to_category(config, categories):
     return None
 
 
+def category_names(config, category_map, categories) -> dict[int, str]:
+    """Category id -> name for the per-class metrics: the dataset's names where its categories are used,
+    else the checkpoint's label names."""
+    if category_map is categories:
+        return dict(zip(categories.category_ids, categories.names))
+    ids = category_map if category_map is not None else range(config.num_labels)
+    return {int(c): config.id2label.get(label, str(c)) for label, c in enumerate(ids)}
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = default_num_workers()
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = Accelerator()
 
@@ -96,16 +107,19 @@ def main(argv=None):
         where = f"{args.dataset_name} [{args.split}]"
         logger.info(f"{len(dataset)} images of {where}, {accelerator.num_processes} process(es)")
 
+    category_map = label_to_category(model.config, categories)
     metrics, data_stats = evaluate_model(
         model,
         image_processor,
         dataset,
-        label_to_category(model.config, categories),
+        category_map,
         batch_size=args.per_device_eval_batch_size,
         accelerator=accelerator,
         threshold=args.threshold,
         num_workers=args.dataloader_num_workers,
         return_stats=True,
+        per_class=True,
+        category_names=category_names(model.config, category_map, categories),
     )
     if accelerator.is_main_process:  # every process holds the same numbers; one prints them
         text = json.dumps({**metrics, "data_stats": data_stats}, indent=2)
