@@ -65,6 +65,20 @@ def _hub_dataset_id(dataset_name: str | None) -> str | None:
     return hub_id(dataset_name)
 
 
+def framework_versions() -> dict[str, str]:
+    """The versions of the libraries a checkpoint was trained with, as transformers' Trainer card lists them."""
+    import importlib.metadata
+
+    versions = {}
+    for name, package in (("Transformers", "transformers"), ("PyTorch", "torch"), ("Accelerate", "accelerate"),
+                          ("Datasets", "datasets"), ("hf_detr", "hf_detr")):  # fmt: skip
+        try:
+            versions[name] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
 def _architecture(model_config: Any) -> dict[str, Any]:
     if model_config is None:
         return {}
@@ -90,6 +104,7 @@ def render_model_card(
     model_config: Any = None,
     license: str = "apache-2.0",
     template_path: str | os.PathLike | None = None,
+    versions: Mapping[str, str] | None = None,
 ) -> str:
     """Render the model card (README.md text) of a checkpoint.
 
@@ -103,6 +118,7 @@ def render_model_card(
         base_model: Hub id the weights started from (e.g. a converted `facebook/detr-resnet-50`).
         model_config: the model's config (or its dict): backbone, sizes and queries go in a table.
         template_path: jinja2 template; default `model_cards/README.md.jinja`.
+        versions: library -> version for the "Framework versions" list; default `framework_versions()`.
 
     Returns:
         Markdown with YAML front matter: library_name, tags, datasets, pipeline_tag, license and a
@@ -161,6 +177,7 @@ def render_model_card(
         training_rows=training_rows,
         architecture=_architecture(model_config),
         num_queries=_architecture(model_config).get("num_queries"),
+        framework_versions=framework_versions() if versions is None else dict(versions),
     )
     return str(card)
 

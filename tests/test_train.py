@@ -140,8 +140,10 @@ def test_resumed_run_reaches_the_same_loss_as_an_uninterrupted_one(tmp_path):
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
+    """A local folder as scripts/convert_detr_checkpoint.py leaves it: its config names the Hub model it was
+    converted from."""
     folder = tmp_path / "tiny"
-    hf_detr.HfDetrForObjectDetection(tiny_config(freeze_backbone_stages=0)).save_pretrained(folder)
+    hf_detr.HfDetrForObjectDetection(tiny_config(freeze_backbone_stages=0, converted_from="facebook/detr-resnet-50")).save_pretrained(folder)
     return folder
 
 
@@ -213,6 +215,11 @@ def test_hub_schema_dataset_with_a_training_split_only(tmp_path, tiny_checkpoint
     assert hf_detr.HfDetrConfig.from_pretrained(output_dir).id2label == {0: "cat", 1: "dog"}
     stats = json.loads((output_dir / "eval_results.json").read_text())["data_stats"]
     assert stats["train"]["images"] == 4 and stats["eval"]["images"] == 2
+    # the model card names the Hub model the local converted folder came from, as transformers' Trainer card does
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.base_model == "facebook/detr-resnet-50" and "## Framework versions" in card.text
 
 
 def load_train_script():
