@@ -263,3 +263,33 @@ def test_help_lists_the_example_scripts_argument_names():
     ]  # fmt: skip
     missing = [name for name in names if name not in result.stdout]
     assert not missing, missing
+
+
+def test_config_name_and_image_processor_name(tmp_path):
+    """--config_name: an hf_detr config or a transformers DETR one (mapped), then the run's labels and
+    --config_overrides, checked together; --image_processor_name: that processor instead of the default."""
+    from accelerate import PartialState
+    from transformers import DetrConfig
+
+    from conftest import TINY_SIZES, tiny_backbone_config
+    from hf_detr.data import CategoryMap
+
+    PartialState(cpu=True)  # train.py logs through accelerate's logger
+    train_script = load_train_script()
+    categories = CategoryMap([1, 3, 7], ["a", "b", "c"])
+    DetrConfig(backbone_config=tiny_backbone_config(), use_timm_backbone=False, **TINY_SIZES).save_pretrained(tmp_path / "detr")
+    tiny_config(d_model=64, encoder_attention_heads=2, decoder_attention_heads=2).save_pretrained(tmp_path / "hf_detr")
+    processor = hf_detr.HfDetrImageProcessor(size={"shortest_edge": 40, "longest_edge": 50})
+    processor.save_pretrained(tmp_path / "processor")
+    for name, d_model in (("detr", TINY_SIZES["d_model"]), ("hf_detr", 64)):
+        argv = ["--dataset_name", "unused", "--config_name", str(tmp_path / name), "--config_overrides", "num_queries=7"]
+        args = train_script.apply_defaults(train_script.parse_args(argv))
+        model = train_script.build_model(args, categories)
+        config = model.config
+        assert (config.d_model, config.num_queries, config.num_labels, config.category_ids) == (d_model, 7, 3, [1, 3, 7]), name
+        assert model.class_labels_classifier.out_features == 4
+    args = train_script.apply_defaults(train_script.parse_args(["--image_processor_name", str(tmp_path / "processor")]))
+    assert train_script.build_image_processor(args, config).size == processor.size
+    with pytest.raises(ValueError, match="config_name .*: a 'resnet' config"):
+        tiny_backbone_config().save_pretrained(tmp_path / "resnet")
+        train_script.build_model(train_script.apply_defaults(train_script.parse_args(["--config_name", str(tmp_path / "resnet")])), categories)
