@@ -9,11 +9,15 @@ This file is part of the model surface: it is copied next to config.json on save
 only transformers and its own siblings.
 """
 
+import dataclasses
 from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 # The variants, each the keys of the dict in the file that builds it (tested): queries.QUERY_BUILDERS,
@@ -21,6 +25,11 @@ from transformers.configuration_utils import SubConfigSpec
 QueryType = Literal["detr", "conditional", "anchor"]
 ClassLoss = Literal["softmax", "focal", "iou_aware"]
 MatcherType = Literal["hungarian"]
+# A real-valued field also takes an int, stored as a float: transformers' own configs write 1 for 1.0
+# (DetrConfig's `class_cost: int = 1`), and so do their config.json files.
+Float = float | int
+# The label fields a relabelling (`from_pretrained(..., id2label=...)`, `num_labels=K`) may change.
+LABEL_FIELDS = ("num_labels", "id2label", "label2id", "category_ids")
 
 
 @strict
@@ -61,13 +70,13 @@ class HfDetrConfig(PreTrainedConfig):
     encoder_ffn_dim: int = 2048
     decoder_ffn_dim: int = 2048
     activation_function: str = "relu"
-    dropout: float = 0.1  # on attention outputs, FFN outputs and encoder inputs
-    attention_dropout: float = 0.0  # on attention probabilities
-    activation_dropout: float = 0.0  # inside the FFN, after the activation
+    dropout: Float = 0.1  # on attention outputs, FFN outputs and encoder inputs
+    attention_dropout: Float = 0.0  # on attention probabilities
+    activation_dropout: Float = 0.0  # inside the FFN, after the activation
     normalize_before: bool = False  # pre-norm layers (DETR's --pre_norm); the paper's model is post-norm
     position_embedding_temperature: int = 10000  # sine position embedding of the feature map (DAB-DETR: 20)
     scale_encoder_positions: bool = False  # DAB-DETR's encoder: each layer scales the positions by an MLP of its input
-    init_xavier_std: float = 1.0  # gain of the xavier-uniform init of the attention and FFN weights
+    init_xavier_std: Float = 1.0  # gain of the xavier-uniform init of the attention and FFN weights
     # transformers' DETR / Conditional DETR with auxiliary losses: each decoder layer gets the previous
     # one's output through the shared norm (the original DETR norms what goes to the heads only)
     normalize_between_decoder_layers: bool = False
@@ -80,37 +89,42 @@ class HfDetrConfig(PreTrainedConfig):
     query_type: str = "detr"
     num_query_groups: int = 1  # Group DETR: groups of num_queries in training, each matched one-to-one; group 0 at inference
     num_denoising_queries: int = 0  # DN-DETR ("anchor" only): up to this many noised ground-truth queries per image in training
-    denoising_label_noise: float = 0.2  # probability that a denoising query's class is replaced by a random one
-    denoising_box_noise: float = 0.4  # centre moved by up to this x size / 2, sides scaled by up to 1 +- this
+    denoising_label_noise: Float = 0.2  # probability that a denoising query's class is replaced by a random one
+    denoising_box_noise: Float = 0.4  # centre moved by up to this x size / 2, sides scaled by up to 1 +- this
     look_forward_twice: bool = False  # "anchor": boxes relative to the previous layer's un-detached refinement (DINO)
 
     # --- matcher (Hungarian matching; its class cost follows class_loss) --------------------------
     matcher_type: str = "hungarian"  # one of MatcherType: a key of matching.MATCHERS
-    class_cost: float = 1.0
-    bbox_cost: float = 5.0
-    giou_cost: float = 2.0
+    class_cost: Float = 1.0
+    bbox_cost: Float = 5.0
+    giou_cost: Float = 2.0
 
     # --- loss -----------------------------------------------------------------------------------
     # "softmax": cross-entropy over num_labels + 1 classes, the last "no object" (DETR); "focal": a
     # sigmoid focal loss per class (Deformable DETR); "iou_aware": sigmoid, a matched query's target is its IoU
     class_loss: str = "softmax"
     auxiliary_loss: bool = True  # the same loss on every intermediate decoder layer
-    ce_loss_coefficient: float = 1.0
-    bbox_loss_coefficient: float = 5.0
-    giou_loss_coefficient: float = 2.0
-    eos_coefficient: float = 0.1  # "softmax": weight of the "no object" class in the cross-entropy
-    focal_alpha: float = 0.25  # "focal" loss, and the focal matching cost of "focal" and "iou_aware"
-    focal_gamma: float = 2.0  # likewise
-    iou_aware_alpha: float = 0.75  # "iou_aware": weight of the negatives, alpha * p^gamma
+    ce_loss_coefficient: Float = 1.0
+    bbox_loss_coefficient: Float = 5.0
+    giou_loss_coefficient: Float = 2.0
+    eos_coefficient: Float = 0.1  # "softmax": weight of the "no object" class in the cross-entropy
+    focal_alpha: Float = 0.25  # "focal" loss, and the focal matching cost of "focal" and "iou_aware"
+    focal_gamma: Float = 2.0  # likewise
+    iou_aware_alpha: Float = 0.75  # "iou_aware": weight of the negatives, alpha * p^gamma
 
     # --- labels ---------------------------------------------------------------------------------
     # id2label / label2id come from PreTrainedConfig. category_ids[label] is the dataset's own id of
     # each contiguous label (COCO's sparse 1..90), so predictions can be written back in its ids.
     category_ids: list[int] | None = None
+    # the checkpoint these weights were converted from (a Hub id or a path), set by hf_detr.convert
+    converted_from: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.id2label is None and kwargs.get("num_labels") is None:
             kwargs["num_labels"] = 91  # COCO's class slots, as in the paper
+        for field in dataclasses.fields(self):
+            if field.type == Float and type(getattr(self, field.name)) is int:
+                setattr(self, field.name, float(getattr(self, field.name)))
         if self.use_timm_backbone:
             self.backbone_config = self._timm_backbone_config()
         super().__post_init__(**kwargs)
@@ -129,6 +143,45 @@ class HfDetrConfig(PreTrainedConfig):
             "model_type": "timm_backbone", "backbone": self.backbone or "resnet50", "num_channels": self.num_channels,
             "features_only": True, "out_indices": list(kwargs.get("out_indices", [-1])), "output_stride": kwargs.get("output_stride"),
         }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A saved config, relabelled by `from_pretrained(..., id2label=..., label2id=...)` or `num_labels=K` (as
+        when fine-tuning on other classes), is built from the saved values and the new labels together, so that
+        they are checked together (a ValueError names the fields that disagree). The saved `category_ids` and
+        `id2label` describe the saved labels: when the labels change they are dropped, with a warning, unless
+        given again."""
+        relabel = {field: kwargs.pop(field) for field in LABEL_FIELDS if field in kwargs}
+        if relabel:
+            config_dict = dict(config_dict)
+            saved = {int(k): v for k, v in (config_dict.get("id2label") or {}).items()}
+            if "id2label" in relabel:
+                new = {int(k): v for k, v in relabel["id2label"].items()}
+            elif "num_labels" in relabel and relabel["num_labels"] != len(saved):
+                new = None  # transformers' LABEL_i names for the new count
+                config_dict.pop("id2label", None)
+                config_dict.pop("label2id", None)
+            else:
+                new = saved
+            if new != saved and "category_ids" not in relabel and config_dict.get("category_ids") is not None:
+                logger.warning(
+                    f"HfDetrConfig: the saved category_ids {config_dict['category_ids']} belong to the saved labels "
+                    f"{list(saved.values())}; dropped for the new labels (pass category_ids=[...] to set them)"
+                )
+                config_dict["category_ids"] = None
+            config_dict.update(relabel)
+        return super().from_dict(config_dict, **kwargs)
+
+    @property
+    def _attn_implementation(self):
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value):
+        # The attention implementation ("sdpa", "eager", ...) is the transformer's: the backbone, a CNN without
+        # attention, keeps its own (given a plain string, transformers would pass it on to the backbone's config,
+        # and its ResNet refuses "sdpa").
+        PreTrainedConfig._attn_implementation.fset(self, {"": value} if isinstance(value, str) else value)
 
     def to_diff_dict(self) -> dict:
         # PreTrainedConfig leaves out an id2label equal to its own default (2 labels); loading such a

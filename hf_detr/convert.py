@@ -337,8 +337,11 @@ def convert_checkpoint(
         if getattr(args, "dilation", False):
             raise ValueError("DETR-DC5 (dilation=True) is not supported")
         num_heads = num_heads or getattr(args, "nheads", None) or 8
-        return load_converted(config_from_original_state_dict(state_dict, num_heads, backbone_config, timm_backbone), state_dict)
-    folder = path if path.is_dir() else _download(str(checkpoint), revision)
-    # The config class only reads the json: a timm backbone entry needs no timm (config_from_detr_config maps it).
-    config = config_from_transformers_config(AutoConfig.from_pretrained(folder), timm_backbone)
-    return load_converted(config, read_transformers_weights(folder))
+        config = config_from_original_state_dict(state_dict, num_heads, backbone_config, timm_backbone)
+    else:
+        folder = path if path.is_dir() else _download(str(checkpoint), revision)
+        # The config class only reads the json: a timm backbone entry needs no timm (config_from_detr_config maps it).
+        config = config_from_transformers_config(AutoConfig.from_pretrained(folder), timm_backbone)
+        state_dict = read_transformers_weights(folder)
+    config.converted_from = str(checkpoint)  # a model card's base_model, when a Hub id
+    return load_converted(config, state_dict)

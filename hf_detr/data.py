@@ -24,7 +24,9 @@ crowd boxes, unreadable image files, images whose size is not the annotated one)
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from .images import UNREADABLE_IMAGE_ERRORS, displayed_size
+
 # Re-exported: the training script gets everything data-related from this module.
 from .transforms import (  # noqa: F401
     DataStats,
@@ -46,6 +50,8 @@ from .transforms import (  # noqa: F401
     collate_fn,
     scaled_sizes,
 )
+
+logger = logging.getLogger(__name__)
 
 OBJECT_FEATURES = {
     "id": datasets.Value("int64"),
@@ -240,40 +246,59 @@ HUB_DATASETS = {
 
 
 def load_hub_detection_dataset(
-    name: str, split: str, bbox_format: str | None = None, categories: CategoryMap | None = None, **load_kwargs
-) -> DetectionData:
-    """``datasets.load_dataset(name, split=split)`` normalised to the Hub schema above.
+    name: str, split: str, bbox_format: str | None = None, categories: CategoryMap | None = None,
+    config_name: str | None = None, **load_kwargs,
+) -> DetectionData:  # fmt: skip
+    """``datasets.load_dataset(name, config_name, split=split)`` normalised to the Hub schema above.
 
     ``bbox_format``: "xywh" or "xyxy" pixels; default from `HUB_DATASETS`, else "xywh".
-    ``categories``: needed only when ``objects.category`` is not a ClassLabel.
+    ``categories``: needed only when ``objects.category`` is not a ClassLabel (integer class ids: label i is
+    ``categories``' i-th, e.g. `CategoryMap.from_names`); anything else is a ValueError naming the column.
+    The common spellings of the object fields are read: ``bbox`` / ``bboxes``, ``category`` / ``label`` /
+    ``labels`` / ``category_id``. Without ``width`` / ``height`` columns, they are read from the images'
+    headers (EXIF orientation applied).
     Missing ``iscrowd`` becomes 0, missing ``area`` w*h, a missing annotation id (``detection-datasets/
     coco`` calls it ``bbox_id``) becomes ``row_index * 10_000 + j``. Extra columns are dropped.
     """
     bbox_format = bbox_format or (HUB_DATASETS[name].bbox_format if name in HUB_DATASETS else "xywh")
     if bbox_format not in ("xywh", "xyxy"):
         raise ValueError(f"bbox_format must be 'xywh' or 'xyxy', got {bbox_format!r}")
-    ds = datasets.load_dataset(name, split=split, **load_kwargs)
-    missing = {"image", "width", "height", "objects"} - set(ds.column_names)
+    ds = datasets.load_dataset(name, config_name, split=split, **load_kwargs)
+    where = f"{name} ({split})"
+    missing = {"image", "objects"} - set(ds.column_names)
     if missing:
-        raise ValueError(f"{name} ({split}) lacks the columns {sorted(missing)} of the detection schema")
+        raise ValueError(f"{where} lacks the columns {sorted(missing)} of the detection schema (columns: {ds.column_names})")
     obj_features = ds.features["objects"]  # a dict of per-field lists, or a list of per-object dicts
     obj_features = obj_features if isinstance(obj_features, dict) else obj_features.feature
-    category_feature = getattr(obj_features["category"], "feature", obj_features["category"])
+    bbox_key = _spelling(obj_features, BBOX_SPELLINGS, where)
+    category_key = _spelling(obj_features, CATEGORY_SPELLINGS, where)
+    category_feature = getattr(obj_features[category_key], "feature", obj_features[category_key])
     if categories is None:
-        if not isinstance(category_feature, datasets.ClassLabel):
-            raise ValueError(f"{name}: objects.category is not a ClassLabel; pass categories=CategoryMap(...)")
-        categories = CategoryMap.from_names(category_feature.names)
+        if isinstance(category_feature, datasets.ClassLabel):
+            categories = CategoryMap.from_names(category_feature.names)
+        elif getattr(category_feature, "dtype", "").startswith(("int", "uint")):
+            raise ValueError(
+                f"{where}: objects.{category_key} holds integer class ids without class names (not a ClassLabel): "
+                "name them, label i the i-th (train.py --label_names, or categories=CategoryMap.from_names([...]))"
+            )
+        else:
+            raise ValueError(
+                f"{where}: objects.{category_key} must hold class ids (a ClassLabel, or integers with "
+                f"--label_names), got {category_feature}"
+            )
+    if not {"width", "height"} <= set(ds.column_names):
+        ds = _with_image_sizes(ds, where)
 
     def normalise(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out = []
         for objs, row in zip(batch["objects"], indices):
             if not isinstance(objs, Mapping):  # a list of per-object dicts -> dict of lists
-                keys = objs[0].keys() if objs else ("bbox", "category")
+                keys = objs[0].keys() if objs else (bbox_key, category_key)
                 objs = {k: [o[k] for o in objs] for k in keys}
             try:
-                boxes = np.asarray(objs["bbox"], dtype=np.float64).reshape(-1, 4)
+                boxes = np.asarray(objs[bbox_key], dtype=np.float64).reshape(-1, 4)
             except (TypeError, ValueError) as err:
-                raise ValueError(f"{name} ({split}) row {row}: objects.bbox must be [N, 4] numbers ({err})") from None
+                raise ValueError(f"{name} ({split}) row {row}: objects.{bbox_key} must be [N, 4] numbers ({err})") from None
             iscrowd = objs.get("iscrowd") or [0] * len(boxes)
             if any(value not in (0, 1) or type(value) not in (int, bool) for value in iscrowd):
                 raise ValueError(f"{name} ({split}) row {row}: objects.iscrowd must be 0/1 or bools, got {iscrowd}")
@@ -282,7 +307,7 @@ def load_hub_detection_dataset(
             n = len(boxes)
             ids = objs.get("id", objs.get("bbox_id")) or [row * 10_000 + j for j in range(n)]
             out.append({
-                "id": ids, "bbox": boxes.tolist(), "category": objs["category"],
+                "id": ids, "bbox": boxes.tolist(), "category": objs[category_key],
                 "area": objs.get("area") or (boxes[:, 2] * boxes[:, 3]).tolist(),
                 "iscrowd": [int(value) for value in iscrowd],
             })  # fmt: skip
@@ -299,6 +324,58 @@ def load_hub_detection_dataset(
         if ds.features[column] != DETECTION_FEATURES[column]:
             ds = ds.cast_column(column, DETECTION_FEATURES[column])
     return DetectionData(ds, categories)
+
+
+def default_num_workers() -> int:
+    """DataLoader workers per process: the CPUs this process may use, shared by the processes of this
+    machine (one left for the training step), 1 to 4; 0 on a single CPU, where workers gain nothing."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cpus < 2:
+        return 0
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(4, max(1, cpus // processes - 1))
+
+
+# The spellings of the `objects` fields found on the Hub, the first the schema's own.
+BBOX_SPELLINGS = ("bbox", "bboxes")
+CATEGORY_SPELLINGS = ("category", "label", "labels", "category_id")
+
+
+def _spelling(fields: Mapping, spellings: tuple[str, ...], where: str) -> str:
+    found = [name for name in spellings if name in fields]
+    if not found:
+        raise ValueError(f"{where}: objects has none of the fields {list(spellings)} (it has {sorted(fields)})")
+    return found[0]
+
+
+def _with_image_sizes(ds: datasets.Dataset, where: str) -> datasets.Dataset:
+    """`width` / `height` columns read from the images' headers (EXIF orientation applied, as the images
+    are decoded for training); an image whose header cannot be read gets 0 x 0, is warned about here and
+    is skipped (and counted) as unreadable when it is decoded."""
+    images = ds.cast_column("image", datasets.Image(decode=False))["image"]
+    widths, heights = [], []
+    for row, image in enumerate(images):
+        try:
+            width, height = displayed_size(image)
+        except UNREADABLE_IMAGE_ERRORS as err:
+            logger.warning(f"{where} row {row}: cannot read the image's size ({type(err).__name__}: {err}); it will be skipped")
+            width = height = 0
+        widths.append(width)
+        heights.append(height)
+    logger.info(f"{where}: no width / height columns, read from the {len(images)} images' headers")
+    for column, values in (("width", widths), ("height", heights)):
+        if column in ds.column_names:
+            ds = ds.remove_columns(column)
+        ds = ds.add_column(column, values)
+    return ds
+
+
+def is_missing_split(error: Exception) -> bool:
+    """Whether `load_detection_dataset` failed because the dataset has no such split (a COCO folder
+    without its annotation file, a Hub dataset without the split), not for another reason."""
+    if isinstance(error, FileNotFoundError):
+        return str(error).startswith("no COCO annotation file")
+    return isinstance(error, ValueError) and str(error).startswith("Unknown split")
 
 
 def load_detection_dataset(name_or_path: str | Path, split: str, **kwargs) -> DetectionData:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tqdm.auto import tqdm
 
 from .images import SIZE_MISMATCH, UNREADABLE, describe_image, read_example_image
 
@@ -202,8 +203,11 @@ class CocoEvaluator:
             merged.setdefault(image_id, detections)
         self.predictions = merged
 
-    def compute(self) -> dict[str, float]:
-        """Gather across processes, run COCOeval, return the 12 COCO numbers (`COCO_METRIC_NAMES`).
+    def compute(self, per_class: bool = False) -> dict[str, float]:
+        """Gather across processes, run COCOeval, return the 12 COCO numbers (`COCO_METRIC_NAMES`); with
+        `per_class`, also each category's AP@[.5:.95] and AR@100 over all areas, `map_<name>` and
+        `mar_100_<name>` (the names of transformers' object-detection examples), averaged from COCOeval's own
+        precision / recall arrays as its summary does (-1 for a category without ground truth).
 
         Evaluated images: those passed to `update` (all ground-truth images if `update` was never
         called), so a subset of a split can be scored against the full split's ground truth.
@@ -239,7 +243,23 @@ class CocoEvaluator:
             coco_eval.accumulate()
             coco_eval.summarize()
         self.coco_eval = coco_eval
-        return {name: float(value) for name, value in zip(COCO_METRIC_NAMES, coco_eval.stats, strict=True)}
+        metrics = {name: float(value) for name, value in zip(COCO_METRIC_NAMES, coco_eval.stats, strict=True)}
+        if per_class:
+            metrics |= self.per_class_metrics()
+        return metrics
+
+    def per_class_metrics(self) -> dict[str, float]:
+        """`map_<name>` and `mar_100_<name>` per category of the last `compute` (area "all", 100 detections)."""
+        params, evaluation = self.coco_eval.params, self.coco_eval.eval
+        area, max_dets = params.areaRngLbl.index("all"), params.maxDets.index(100)
+        metrics = {}
+        for k, category_id in enumerate(params.catIds):
+            name = self.coco_gt.cats[category_id]["name"]
+            precision = evaluation["precision"][:, :, k, area, max_dets]
+            recall = evaluation["recall"][:, k, area, max_dets]
+            metrics[f"map_{name}"] = float(precision[precision > -1].mean()) if (precision > -1).any() else -1.0
+            metrics[f"mar_100_{name}"] = float(recall[recall > -1].mean()) if (recall > -1).any() else -1.0
+        return metrics
 
     def reset(self) -> None:
         """Forget all predictions (to evaluate again, e.g. after the next epoch)."""
@@ -255,6 +275,44 @@ def _ground_truth_view(dataset: Any) -> Any:
     return dataset
 
 
+class _EvalCollate:
+    """Decodes and preprocesses a batch of examples (a class, not a closure: DataLoader workers started by
+    spawn, as on macOS, need it picklable)."""
+
+    def __init__(self, image_processor: Any):
+        self.image_processor = image_processor
+
+    def __call__(self, examples: list[Mapping]) -> dict[str, Any]:
+        images, image_ids, sizes, skipped = [], [], [], []
+        for example in examples:
+            image_id = int(example["image_id"])
+            image, status, why = read_example_image(example["image"], example.get("width"), example.get("height"))
+            if image is None:
+                skipped.append((image_id, status, f"{describe_image(example['image'], image_id)}: {why}"))
+                continue
+            images.append(image)
+            image_ids.append(image_id)
+            sizes.append((image.height, image.width))  # = (height, width) of the annotations, checked above
+        inputs, kept = _preprocess(self.image_processor, images, image_ids, skipped)
+        return {
+            "pixel_values": inputs["pixel_values"] if inputs else None,
+            "pixel_mask": inputs.get("pixel_mask") if inputs else None,
+            "image_ids": torch.tensor([image_ids[i] for i in kept], dtype=torch.long),
+            "target_sizes": torch.tensor([sizes[i] for i in kept], dtype=torch.long).reshape(-1, 2),
+            "skipped": skipped,  # (image_id, UNREADABLE or SIZE_MISMATCH, why)
+        }
+
+
+def _categories_with_names(category_map: Any, category_names: Mapping[int, str] | None) -> list[dict] | None:
+    """The ground truth's categories with their names, for per-class metrics: from `category_names`
+    (category id -> name), else from a CategoryMap (its ids and names); None: named by their ids."""
+    if category_names is not None:
+        return [{"id": int(c), "name": str(name)} for c, name in category_names.items()]
+    if hasattr(category_map, "category_ids") and hasattr(category_map, "names"):
+        return [{"id": int(c), "name": str(name)} for c, name in zip(category_map.category_ids, category_map.names)]
+    return None
+
+
 @torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module,
@@ -266,6 +324,9 @@ def evaluate_model(
     threshold: float = 0.0,
     num_workers: int = 0,
     return_stats: bool = False,
+    per_class: bool = False,
+    category_names: Mapping[int, str] | None = None,
+    progress: bool = True,
 ) -> dict[str, float] | tuple[dict[str, float], dict[str, int]]:
     """COCO metrics of `model` on a Hub-schema detection dataset.
 
@@ -283,7 +344,11 @@ def evaluate_model(
             the predictions are gathered. Every process must call this; all return the same dict.
         threshold: score threshold of post-processing; 0 keeps all queries, as COCO evaluation of
             DETR does (COCOeval keeps the best 100 per image).
+        num_workers: DataLoader worker processes that decode and preprocess the images.
         return_stats: also return the counts of evaluated and skipped images.
+        per_class: also each category's `map_<name>` and `mar_100_<name>` (`CocoEvaluator.compute`).
+        category_names: category id -> name for those keys; default: a CategoryMap's names, else the ids.
+        progress: a progress bar over the batches (on the local main process).
 
     Images are decoded as in training (`hf_detr.images.decode_image`: EXIF orientation applied).
     An image that cannot be read or preprocessed, or whose decoded size differs from the example's
@@ -291,10 +356,11 @@ def evaluate_model(
     no image is left, ValueError.
 
     Returns:
-        the 12 COCO metrics, keys `COCO_METRIC_NAMES`; with `return_stats`, also `{"images",
-        "evaluated", "skipped_images", "size_mismatch"}` over the whole split (all processes).
+        the 12 COCO metrics, keys `COCO_METRIC_NAMES` (and the per-class ones); with `return_stats`, also
+        `{"images", "evaluated", "skipped_images", "size_mismatch"}` over the whole split (all processes).
     """
-    evaluator = CocoEvaluator.from_examples(_ground_truth_view(dataset), label_to_category=category_map)
+    categories = _categories_with_names(category_map, category_names)
+    evaluator = CocoEvaluator.from_examples(_ground_truth_view(dataset), categories, label_to_category=category_map)
     num_images = len(evaluator.coco_gt.dataset["images"])
     if num_images and not evaluator.coco_gt.dataset["annotations"]:
         logger.warning("the evaluation split has no annotations: COCOeval reports -1 for every metric")
@@ -303,39 +369,20 @@ def evaluate_model(
 
         dataset = dataset.cast_column("image", datasets.Image(decode=False))  # decoded below, one by one
 
-    def collate(examples: list[Mapping]) -> dict[str, Any]:
-        images, image_ids, sizes, skipped = [], [], [], []
-        for example in examples:
-            image_id = int(example["image_id"])
-            image, status, why = read_example_image(example["image"], example.get("width"), example.get("height"))
-            if image is None:
-                skipped.append((image_id, status, f"{describe_image(example['image'], image_id)}: {why}"))
-                continue
-            images.append(image)
-            image_ids.append(image_id)
-            sizes.append((image.height, image.width))  # = (height, width) of the annotations, checked above
-        inputs, kept = _preprocess(image_processor, images, image_ids, skipped)
-        return {
-            "pixel_values": inputs["pixel_values"] if inputs else None,
-            "pixel_mask": inputs.get("pixel_mask") if inputs else None,
-            "image_ids": torch.tensor([image_ids[i] for i in kept], dtype=torch.long),
-            "target_sizes": torch.tensor([sizes[i] for i in kept], dtype=torch.long).reshape(-1, 2),
-            "skipped": skipped,  # (image_id, UNREADABLE or SIZE_MISMATCH, why)
-        }
-
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=_EvalCollate(image_processor), num_workers=num_workers
     )
     if accelerator is not None:
         loader = accelerator.prepare(loader)  # shards batches and moves them to the device
         device = accelerator.device
     else:
         device = next(model.parameters()).device
+    show = progress and (accelerator is None or accelerator.is_local_main_process)
 
     was_training = model.training
     model.eval()
     skipped: dict[int, int] = {}
-    for batch in loader:
+    for batch in tqdm(loader, desc="evaluation", disable=not show, leave=False):
         for image_id, status, why in batch["skipped"]:
             if image_id not in skipped:  # accelerate may repeat images to even out the last batch
                 logger.warning("evaluation: skipping image %s", why)
@@ -355,7 +402,7 @@ def evaluate_model(
         skipped = dict(gather_object(list(skipped.items())))
     if num_images and len(skipped) >= num_images:
         raise ValueError(f"none of the {num_images} evaluation images could be used (see the warnings above)")
-    metrics = evaluator.compute()
+    metrics = evaluator.compute(per_class=per_class)
     if not return_stats:
         return metrics
     statuses = list(skipped.values())

@@ -53,11 +53,30 @@ DEFAULT_IGNORE_PATTERNS = ("step_*", "epoch_*", "checkpoint-*", "runs/*")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def hub_id(name: str | None) -> str | None:
+    """`name` when it reads as a Hub repo id ("user/name" or "name") and is no local path, else None."""
+    if not name or os.path.exists(name) or not _HUB_ID.match(name):
+        return None
+    return name
+
+
 def _hub_dataset_id(dataset_name: str | None) -> str | None:
     """`dataset_name` when it names a Hub dataset, None for a local folder or the synthetic set."""
-    if not dataset_name or os.path.exists(dataset_name) or not _HUB_ID.match(dataset_name):
-        return None
-    return dataset_name
+    return hub_id(dataset_name)
+
+
+def framework_versions() -> dict[str, str]:
+    """The versions of the libraries a checkpoint was trained with, as transformers' Trainer card lists them."""
+    import importlib.metadata
+
+    versions = {}
+    for name, package in (("Transformers", "transformers"), ("PyTorch", "torch"), ("Accelerate", "accelerate"),
+                          ("Datasets", "datasets"), ("hf_detr", "hf_detr")):  # fmt: skip
+        try:
+            versions[name] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 def _architecture(model_config: Any) -> dict[str, Any]:
@@ -85,6 +104,7 @@ def render_model_card(
     model_config: Any = None,
     license: str = "apache-2.0",
     template_path: str | os.PathLike | None = None,
+    versions: Mapping[str, str] | None = None,
 ) -> str:
     """Render the model card (README.md text) of a checkpoint.
 
@@ -98,6 +118,7 @@ def render_model_card(
         base_model: Hub id the weights started from (e.g. a converted `facebook/detr-resnet-50`).
         model_config: the model's config (or its dict): backbone, sizes and queries go in a table.
         template_path: jinja2 template; default `model_cards/README.md.jinja`.
+        versions: library -> version for the "Framework versions" list; default `framework_versions()`.
 
     Returns:
         Markdown with YAML front matter: library_name, tags, datasets, pipeline_tag, license and a
@@ -156,6 +177,7 @@ def render_model_card(
         training_rows=training_rows,
         architecture=_architecture(model_config),
         num_queries=_architecture(model_config).get("num_queries"),
+        framework_versions=framework_versions() if versions is None else dict(versions),
     )
     return str(card)
 

@@ -41,6 +41,28 @@ def decode_image(image: Any) -> PIL.Image.Image:
         return _displayed_rgb(opened)
 
 
+def displayed_size(image: Any) -> tuple[int, int]:
+    """(width, height) of an image as `decode_image` gives it (EXIF orientation applied), from its header
+    alone: the pixels are not decoded. Raises one of `UNREADABLE_IMAGE_ERRORS`."""
+    if isinstance(image, Mapping):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    if isinstance(image, PIL.Image.Image):
+        opened, close = image, False
+    elif isinstance(image, (str, os.PathLike, io.IOBase)):
+        opened, close = PIL.Image.open(image), True
+    else:
+        raise ValueError(f"not an image, a path or image bytes: {type(image).__name__}")
+    try:
+        width, height = opened.size
+        # orientations 5-8 turn the image by 90 degrees (transposed, rotated, transversed)
+        if opened.getexif().get(PIL.Image.ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
+            width, height = height, width
+        return width, height
+    finally:
+        if close:
+            opened.close()
+
+
 def _displayed_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     image.load()  # the full decode: truncated data fails here, not later
     if image.getexif().get(PIL.Image.ExifTags.Base.Orientation, 1) != 1:

@@ -60,7 +60,7 @@ class FoldedBatchNormConv2d(nn.Conv2d):
         folded.weight, folded.bias = conv.weight, conv.bias  # the same parameters, not copies
         folded._norm = (norm,)  # a tuple: referenced, not registered (its buffers stay under its own keys)
         norm.folded = True
-        return folded
+        return keep_init_state(conv, folded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, shift = self._norm[0].scale_and_shift()
@@ -77,6 +77,16 @@ class FoldedBatchNormConv2d(nn.Conv2d):
             x = x[:, :, :: self.stride[0], :: self.stride[1]]
             return F.conv2d(x, weight, bias, 1, 0, self.dilation, self.groups)
         return self._conv_forward(x, weight, bias)
+
+
+def keep_init_state(module: nn.Module, replacement: nn.Module) -> nn.Module:
+    """The replacement holds the same parameters, so it carries the module's transformers init flag: a model
+    built inside another (HfDetrModel in HfDetrForObjectDetection) gets its kernels at its own `post_init`,
+    and the outer model's init pass must skip what the inner one initialised (DETR's xavier attention and
+    FFN weights), as it skips the original modules."""
+    if getattr(module, "_is_hf_initialized", False):
+        replacement._is_hf_initialized = True
+    return replacement
 
 
 def fold_frozen_batch_norm(module: nn.Module) -> int:
@@ -112,7 +122,7 @@ class OneDnnLinear(nn.Linear):
     def wrap(cls, linear: nn.Linear) -> "OneDnnLinear":
         wrapped = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         wrapped.weight, wrapped.bias = linear.weight, linear.bias  # the same parameters, not copies
-        return wrapped
+        return keep_init_state(linear, wrapped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (

@@ -11,6 +11,8 @@ All layers are handled together: one matcher call (one host transfer), then the 
 tensor ops over (layer, image, query) indices, with no Python loop over layers or images.
 """
 
+from collections.abc import Mapping
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,8 +31,9 @@ def check_labels(labels: list[dict], num_labels: int, batch_size: int | None = N
     if batch_size is not None and len(labels) != batch_size:
         raise ValueError(f"labels has {len(labels)} entries for a batch of {batch_size} images: one dict per image")
     for image_index, target in enumerate(labels):
-        if not isinstance(target, dict) or "class_labels" not in target or "boxes" not in target:
-            got = f"keys {sorted(target)}" if isinstance(target, dict) else type(target).__name__
+        # any mapping: the image processor's labels are BatchFeature objects
+        if not isinstance(target, Mapping) or "class_labels" not in target or "boxes" not in target:
+            got = f"keys {sorted(target)}" if isinstance(target, Mapping) else type(target).__name__
             raise ValueError(f"labels[{image_index}] must have 'class_labels' and 'boxes', got {got}")
         classes, boxes = target["class_labels"], target["boxes"]
         if not _is_integer_vector(classes):

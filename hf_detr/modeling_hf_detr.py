@@ -17,13 +17,14 @@ torch, transformers and its siblings (single-dot relative imports).
 """
 
 import math
+import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoBackbone, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers import AutoBackbone, PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput, logging
 
 from .box_ops import inverse_sigmoid
 from .configuration_hf_detr import HfDetrConfig
@@ -32,6 +33,8 @@ from .layers import MLP, HfDetrAttention, HfDetrDecoderLayer, HfDetrEncoderLayer
 from .loss import CLASS_LOSSES, SetCriterion, check_labels
 from .matching import MATCHERS
 from .queries import QUERY_BUILDERS, DecoderQueries
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -347,6 +350,20 @@ AUTO_MAP = {
     "AutoModelForObjectDetection": "modeling_hf_detr.HfDetrForObjectDetection",
 }
 FOCAL_PRIOR_PROBABILITY = 0.01  # sigmoid class heads start at p = 0.01 per class (RetinaNet, Deformable DETR)
+# from_pretrained's arguments that say where a checkpoint is (on the Hub, in its cache)
+HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def checkpoint_model_type(pretrained_model_name_or_path, **hub_arguments) -> str | None:
+    """The `model_type` of a checkpoint folder or Hub id's config.json; None without one (from_pretrained
+    then says why)."""
+    if pretrained_model_name_or_path is None:
+        return None
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_arguments)
+    except (OSError, ValueError):
+        return None
+    return config_dict.get("model_type")
 
 
 class HfDetrPreTrainedModel(PreTrainedModel):
@@ -363,10 +380,42 @@ class HfDetrPreTrainedModel(PreTrainedModel):
         super().post_init()
         apply_speed_kernels(self)  # kernels.py: the same weights and keys, faster math; off while exporting
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`; a checkpoint of transformers' DETR, Conditional DETR or DAB-DETR (a
+        folder or Hub id whose config.json has model_type "detr", "conditional_detr" or "dab-detr", such as
+        facebook/detr-resnet-50) is converted on the fly (`hf_detr.convert`, logged), then loaded with the
+        same arguments (new labels, `ignore_mismatched_sizes`, dtype, ...). `save_pretrained` the result to
+        skip the conversion next time."""
+        from .convert import CONFIG_CONVERTERS, convert_checkpoint  # convert.py imports this file
+
+        hub_arguments = {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
+        model_type = checkpoint_model_type(pretrained_model_name_or_path, **hub_arguments)
+        if model_type not in CONFIG_CONVERTERS:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        logger.warning(
+            f"{pretrained_model_name_or_path} is a transformers {model_type!r} checkpoint: converting it to "
+            f"hf_detr on the fly (save_pretrained the result to skip this next time)"
+        )
+        converted = convert_checkpoint(pretrained_model_name_or_path, revision=hub_arguments.get("revision"))
+        local_arguments = {name: value for name, value in kwargs.items() if name not in HUB_ARGUMENTS}
+        with tempfile.TemporaryDirectory() as folder:
+            converted.save_pretrained(folder)
+            model = super().from_pretrained(folder, *model_args, **local_arguments)
+        loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True
+        loaded.config._name_or_path = str(pretrained_model_name_or_path)
+        return model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config and the model-surface files, with every `auto_map` entry."""
         self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        # a string names the transformer's attention; the backbone (a CNN, no attention) keeps its own
+        if isinstance(attn_implementation, str):
+            attn_implementation = {"": attn_implementation}
+        return super().set_attn_implementation(attn_implementation, *args, **kwargs)
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers skips the modules without parameters of their own in custom code (whose init might

@@ -5,7 +5,8 @@
     accelerate launch scripts/evaluate.py ...    # shards the split over processes, same numbers
 
 The checkpoint is loaded with `AutoModelForObjectDetection` / `AutoImageProcessor` (hf_detr registers
-itself with them); the split goes through processor, model and `post_process_object_detection` with
+itself with them); a checkpoint of transformers' DETR, Conditional DETR or DAB-DETR is converted to hf_detr
+on the fly; the split goes through processor, model and `post_process_object_detection` with
 the original image sizes, and pycocotools' COCOeval scores it (`hf_detr.evaluation.evaluate_model`).
 The metrics are printed as JSON and, with --output_file, written there, with `data_stats`: the images
 evaluated and those skipped (unreadable, or decoded at another size than the annotated one; each
@@ -20,9 +21,11 @@ from pathlib import Path
 from accelerate import Accelerator
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-import hf_detr  # noqa: F401  (registers hf_detr with the Auto classes)
-from hf_detr.data import load_detection_dataset
+import hf_detr  # registers hf_detr with the Auto classes
+from hf_detr.convert import CONFIG_CONVERTERS
+from hf_detr.data import default_num_workers, load_detection_dataset
 from hf_detr.evaluation import evaluate_model
+from hf_detr.modeling_hf_detr import checkpoint_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +39,28 @@ def parse_args(argv=None):
     p.add_argument("--max_eval_samples", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--per_device_eval_batch_size", type=int, default=8)
     p.add_argument("--threshold", type=float, default=0.0, help="post-processing score threshold")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--dataloader_num_workers", type=int, default=None, help="default: from the CPUs, as train.py")
     p.add_argument("--revision", default=None, help="Hub revision of the checkpoint")
     p.add_argument("--trust_remote_code", action="store_true", help="for checkpoints of other model types")
     p.add_argument("--output_file", default=None, help="write the metrics JSON here too")
     return p.parse_args(argv)
+
+
+def load_model(model_name_or_path, **kwargs):
+    """-> (model, image processor). A checkpoint of transformers' DETR, Conditional DETR or DAB-DETR converts to
+    hf_detr on the fly (HfDetrForObjectDetection.from_pretrained logs it); its own image processor is used when
+    it has one, else the one that fits the converted model (hf_detr.image_processor_for)."""
+    model_type = checkpoint_model_type(model_name_or_path, revision=kwargs.get("revision"))
+    if model_type not in CONFIG_CONVERTERS:
+        model = AutoModelForObjectDetection.from_pretrained(model_name_or_path, **kwargs)
+        return model, AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
+    model = hf_detr.HfDetrForObjectDetection.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
+    except OSError:
+        logger.info(f"{model_name_or_path} has no image processor: using hf_detr.image_processor_for(its config)")
+        image_processor = hf_detr.image_processor_for(model.config)
+    return model, image_processor
 
 
 def label_to_category(config, categories):
@@ -60,14 +80,25 @@ def label_to_category(config, categories):
     return None
 
 
+def category_names(config, category_map, categories) -> dict[int, str]:
+    """Category id -> name for the per-class metrics: the dataset's names where its categories are used,
+    else the checkpoint's label names."""
+    if category_map is categories:
+        return dict(zip(categories.category_ids, categories.names))
+    ids = category_map if category_map is not None else range(config.num_labels)
+    return {int(c): config.id2label.get(label, str(c)) for label, c in enumerate(ids)}
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = default_num_workers()
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = Accelerator()
 
     kwargs = dict(revision=args.revision, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForObjectDetection.from_pretrained(args.model_name_or_path, **kwargs).to(accelerator.device)
-    image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, **kwargs)
+    model, image_processor = load_model(args.model_name_or_path, **kwargs)
+    model = model.to(accelerator.device)
     load_kwargs = {"bbox_format": args.bbox_format} if args.bbox_format else {}
     dataset, categories = load_detection_dataset(args.dataset_name, args.split, **load_kwargs)
     if args.max_eval_samples is not None:
@@ -76,16 +107,19 @@ def main(argv=None):
         where = f"{args.dataset_name} [{args.split}]"
         logger.info(f"{len(dataset)} images of {where}, {accelerator.num_processes} process(es)")
 
+    category_map = label_to_category(model.config, categories)
     metrics, data_stats = evaluate_model(
         model,
         image_processor,
         dataset,
-        label_to_category(model.config, categories),
+        category_map,
         batch_size=args.per_device_eval_batch_size,
         accelerator=accelerator,
         threshold=args.threshold,
         num_workers=args.dataloader_num_workers,
         return_stats=True,
+        per_class=True,
+        category_names=category_names(model.config, category_map, categories),
     )
     if accelerator.is_main_process:  # every process holds the same numbers; one prints them
         text = json.dumps({**metrics, "data_stats": data_stats}, indent=2)

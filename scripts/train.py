@@ -20,13 +20,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.state import PartialState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, is_torch_xla_available, set_seed
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoImageProcessor, SchedulerType, get_scheduler
 
 import hf_detr
 from hf_detr import data as detr_data
-from hf_detr.evaluation import evaluate_model
-from hf_detr.hub import push_checkpoint, render_model_card
+from hf_detr.convert import CONFIG_CONVERTERS, config_from_transformers_config
+from hf_detr.evaluation import COCO_METRIC_NAMES, evaluate_model
+from hf_detr.hub import hub_id, push_checkpoint, render_model_card
 from hf_detr.speed import SDPA_BACKENDS, enable_fast_mode
 
 logger = get_logger(__name__)
@@ -43,22 +46,43 @@ SMALL_MODEL = dict(
 )  # fmt: skip
 
 
+# transformers' schedulers (get_scheduler) that need nothing but the step count; "step" is DETR's 10x drop
+LR_SCHEDULERS = ["step"] + [t.value for t in SchedulerType if t.value not in ("reduce_lr_on_plateau", "greedy")]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data (the names of transformers' object-detection examples)
     p.add_argument("--dataset_name", default=None, help="Hub dataset id or local COCO folder; default: built-in synthetic data")
+    p.add_argument("--dataset_config_name", default=None, help="the Hub dataset's configuration (datasets.load_dataset's name)")
     p.add_argument("--train_split", default=None, help="default: the dataset's own (train / train2017)")
     p.add_argument("--eval_split", default=None, help="default: the dataset's own (val / validation / test)")
+    p.add_argument("--train_val_split", type=float, default=0.15,
+                   help="a dataset without the evaluation split: this fraction of the training split is held out for it")  # fmt: skip
+    p.add_argument("--max_train_samples", type=int, default=None, help="train on the first N images only")
+    p.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on the first N images only")
     p.add_argument("--bbox_format", choices=["xywh", "xyxy"], default=None, help="Hub datasets: box format of `objects.bbox`")
-    p.add_argument("--model_name_or_path", default=None, help="start from a checkpoint (e.g. a converted DETR)")
+    p.add_argument("--label_names", default=None,
+                   help='Hub datasets whose objects.category holds integers without names: "cat,dog,..." (label i = the i-th)')  # fmt: skip
+    p.add_argument("--cache_dir", default=None, help="where datasets and checkpoints downloaded from the Hub are stored")
+    p.add_argument("--trust_remote_code", action="store_true", help="load a --model_name_or_path / --config_name with its own code")
+    # model
+    p.add_argument("--model_name_or_path", default=None,
+                   help="start from a checkpoint: hf_detr, or transformers' DETR / Conditional DETR / DAB-DETR (converted on the fly)")  # fmt: skip
+    p.add_argument("--config_name", default=None, help="start from this config (folder or Hub id) instead of the run's default")
     p.add_argument(
         "--config_overrides", default=None,
         help='HfDetrConfig values over the run\'s defaults, e.g. "query_type=anchor,class_loss=focal,num_query_groups=4"',
     )  # fmt: skip
+    p.add_argument("--image_processor_name", default=None, help="image processor (folder or Hub id); default: the one that fits the model")
+    p.add_argument("--ignore_mismatched_sizes", action=argparse.BooleanOptionalAction, default=True,
+                   help="--model_name_or_path with other labels: re-initialise the class head (default on)")  # fmt: skip
     p.add_argument("--backbone_checkpoint", default="microsoft/resnet-50", help="ImageNet backbone for DETR-R50 runs")
     p.add_argument("--output_dir", default="outputs/hf-detr-synthetic")
     p.add_argument("--image_size", type=int, default=None, help="shortest edge at evaluation (and largest train scale)")
     p.add_argument("--max_size", type=int, default=None, help="longest edge cap")
     p.add_argument("--augmentation", choices=["detr", "flip"], default=None, help="detr: flip + multi-scale + crops")
+    # training
     p.add_argument("--num_train_epochs", type=int, default=None)
     p.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
     p.add_argument("--per_device_train_batch_size", type=int, default=None)
@@ -67,12 +91,27 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=None)
     p.add_argument("--backbone_learning_rate", type=float, default=None)
     p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--max_grad_norm", type=float, default=0.1)
-    p.add_argument("--lr_drop_fraction", type=float, default=2 / 3, help="the LR drops 10x after this fraction of the steps")
-    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--lr_scheduler_type", choices=LR_SCHEDULERS, default="step",
+                   help="step: DETR's 10x drop after --lr_drop_fraction of the steps; the others: transformers' get_scheduler")  # fmt: skip
+    p.add_argument("--num_warmup_steps", type=int, default=0, help="linear warm-up steps of the learning rate")
+    p.add_argument("--lr_drop_fraction", type=float, default=2 / 3, help="step: the LR drops 10x after this fraction of the steps")
+    p.add_argument("--dataloader_num_workers", "--num_workers", type=int, default=None,
+                   help="DataLoader workers per process, for training and evaluation (default: from the CPUs, 1-4)")  # fmt: skip
+    # checkpoints and evaluation
     p.add_argument("--checkpointing_steps", default=None, help="an integer, or 'epoch'")
+    p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the latest N step_* checkpoints")
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
-    p.add_argument("--eval_every_epoch", action="store_true", help="COCO evaluation after every epoch, not only at the end")
+    p.add_argument("--eval_strategy", choices=["no", "steps", "epoch"], default=None,
+                   help="COCO evaluation during training (the final one always runs); default: every epoch on a dataset, "
+                        "no on the synthetic data; 'steps' with --eval_steps")  # fmt: skip
+    p.add_argument("--eval_steps", type=int, default=None, help="evaluate every N steps (--eval_strategy steps)")
+    p.add_argument("--eval_every_epoch", action="store_true", help="same as --eval_strategy epoch")
+    p.add_argument("--metric_for_best_model", choices=COCO_METRIC_NAMES, default="map",
+                   help="with evaluations during training: the model with the best value is kept in <output_dir>/best_model")  # fmt: skip
     p.add_argument("--max_consecutive_nonfinite_steps", type=int, default=10,
                    help="a step whose loss or gradient is not finite is skipped (warned, counted); stop after this many in a row")  # fmt: skip
     p.add_argument("--push_to_hub", action="store_true")
@@ -89,6 +128,22 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_consecutive_nonfinite_steps < 1:
         p.error(f"--max_consecutive_nonfinite_steps must be >= 1, got {args.max_consecutive_nonfinite_steps}")
+    if args.eval_every_epoch:
+        if args.eval_strategy not in (None, "epoch"):
+            p.error(f"--eval_every_epoch contradicts --eval_strategy {args.eval_strategy}")
+        args.eval_strategy = "epoch"
+    if args.eval_steps is not None:
+        if args.eval_steps < 1:
+            p.error(f"--eval_steps must be >= 1, got {args.eval_steps}")
+        if args.eval_strategy not in (None, "steps"):
+            p.error(f"--eval_steps {args.eval_steps} needs --eval_strategy steps, got --eval_strategy {args.eval_strategy}")
+        args.eval_strategy = "steps"
+    if args.eval_strategy == "steps" and args.eval_steps is None:
+        p.error("--eval_strategy steps needs --eval_steps N")
+    if not 0 < args.train_val_split < 1:
+        p.error(f"--train_val_split must be in (0, 1), got {args.train_val_split}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        p.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     return args
 
 
@@ -103,6 +158,7 @@ def apply_defaults(args):
         else dict(image_size=800, max_size=1333, augmentation="detr", num_train_epochs=300, per_device_train_batch_size=4,
                   per_device_eval_batch_size=4, learning_rate=1e-4, backbone_learning_rate=1e-5)
     )  # fmt: skip
+    defaults |= dict(eval_strategy="no" if synthetic else "epoch", dataloader_num_workers=detr_data.default_num_workers())
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -119,16 +175,41 @@ def load_data(args, accelerator):
         args.train_split, args.eval_split = "train", "val"
         train, categories = detr_data.load_coco_folder(root, "train")
         val, _ = detr_data.load_coco_folder(root, "val")
-        return train, val, categories, "hf_detr synthetic shapes"
+        return select_samples(train, val, args), categories, "hf_detr synthetic shapes"
     is_coco_folder = (Path(args.dataset_name) / "annotations").is_dir()
     known = detr_data.HUB_DATASETS.get(args.dataset_name)
+    eval_split_given = args.eval_split is not None
     # resolved here, so a checkpoint records the splits actually used
     args.train_split = args.train_split or ("train2017" if is_coco_folder else known.train_split if known else "train")
     args.eval_split = args.eval_split or ("val2017" if is_coco_folder else known.eval_split if known else "validation")
-    hub_kwargs = {} if is_coco_folder else {"bbox_format": args.bbox_format}
-    train, categories = detr_data.load_detection_dataset(args.dataset_name, args.train_split, **hub_kwargs)
-    val, _ = detr_data.load_detection_dataset(args.dataset_name, args.eval_split, **hub_kwargs)
-    return train, val, categories, args.dataset_name
+    kwargs = {} if is_coco_folder else {"bbox_format": args.bbox_format, "config_name": args.dataset_config_name, "cache_dir": args.cache_dir}
+    if args.label_names and not is_coco_folder:
+        kwargs["categories"] = detr_data.CategoryMap.from_names([name.strip() for name in args.label_names.split(",")])
+    with accelerator.main_process_first():  # one process downloads and prepares, the others read its cache
+        train, categories = detr_data.load_detection_dataset(args.dataset_name, args.train_split, **kwargs)
+        try:
+            val, _ = detr_data.load_detection_dataset(args.dataset_name, args.eval_split, **kwargs)
+        except (FileNotFoundError, ValueError) as err:
+            if eval_split_given or not detr_data.is_missing_split(err):
+                raise
+            # as transformers' examples do for datasets with a training split only
+            logger.warning(
+                f"{args.dataset_name} has no {args.eval_split!r} split ({err}); holding out --train_val_split "
+                f"{args.train_val_split} of {args.train_split!r} for evaluation (seed {args.seed})"
+            )
+            parts = train.train_test_split(test_size=args.train_val_split, seed=args.seed)
+            train, val = parts["train"], parts["test"]
+            args.eval_split = f"{args.train_split}[held out {args.train_val_split}]"
+    return select_samples(train, val, args), categories, args.dataset_name
+
+
+def select_samples(train, val, args):
+    """--max_train_samples / --max_eval_samples: the first N images of each split."""
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples is not None:
+        val = val.select(range(min(args.max_eval_samples, len(val))))
+    return train, val
 
 
 def config_overrides(overrides: str | None) -> dict:
@@ -152,16 +233,43 @@ def check_batches(num_images: int, num_batches: int, args):
         )
 
 
+def load_config(name: str, args) -> hf_detr.HfDetrConfig:
+    """--config_name: an hf_detr config, or transformers' DETR / Conditional DETR / DAB-DETR one (mapped)."""
+    config = AutoConfig.from_pretrained(name, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
+    if config.model_type in CONFIG_CONVERTERS:
+        logger.info(f"--config_name {name}: a transformers {config.model_type!r} config, mapped to hf_detr's")
+        return config_from_transformers_config(config)
+    if not isinstance(config, hf_detr.HfDetrConfig) and type(config).__name__ != "HfDetrConfig":
+        raise ValueError(f"--config_name {name}: a {config.model_type!r} config, not hf_detr's or a transformers DETR's")
+    return config
+
+
 def build_model(args, categories):
     labels = dict(id2label=categories.id2label, label2id={v: k for k, v in categories.id2label.items()}, category_ids=list(categories.category_ids))
     overrides = config_overrides(args.config_overrides)
+    config = None
+    if args.config_name:  # its values, then the run's labels and --config_overrides, checked together
+        config = hf_detr.HfDetrConfig.from_dict(load_config(args.config_name, args).to_dict(), **labels, **overrides)
     if args.model_name_or_path:
         # e.g. a converted COCO DETR fine-tuned on a new label set: the class head is re-initialised
-        return hf_detr.HfDetrForObjectDetection.from_pretrained(args.model_name_or_path, ignore_mismatched_sizes=True, **labels, **overrides)
+        # (--ignore_mismatched_sizes); a transformers DETR checkpoint is converted on the fly
+        kwargs = dict(config=config) if config is not None else {**labels, **overrides}
+        return hf_detr.HfDetrForObjectDetection.from_pretrained(
+            args.model_name_or_path, ignore_mismatched_sizes=args.ignore_mismatched_sizes, cache_dir=args.cache_dir, **kwargs
+        )
+    if config is not None:
+        return hf_detr.HfDetrForObjectDetection(config)
     if args.dataset_name is None:
         return hf_detr.HfDetrForObjectDetection(hf_detr.HfDetrConfig(**{**SMALL_MODEL, **labels, **overrides}))
     config = hf_detr.HfDetrConfig(**{"use_pretrained_backbone": True, "backbone_checkpoint": args.backbone_checkpoint, **labels, **overrides})
     return hf_detr.HfDetrForObjectDetection(config)
+
+
+def build_image_processor(args, config):
+    """--image_processor_name, or the processor whose post-processing fits the model's class loss, at the run's sizes."""
+    if args.image_processor_name:
+        return AutoImageProcessor.from_pretrained(args.image_processor_name, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
+    return hf_detr.image_processor_for(config, size={"shortest_edge": args.image_size, "longest_edge": args.max_size})
 
 
 def build_optimizer(model, args):
@@ -169,7 +277,41 @@ def build_optimizer(model, args):
     backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("model.backbone.")]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("model.backbone.")]
     groups = [{"params": rest, "lr": args.learning_rate}, {"params": backbone, "lr": args.backbone_learning_rate}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(
+        groups, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+    )
+
+
+def lr_drop_step(args) -> int:
+    """The optimizer step after which DETR's step schedule lowers the learning rate 10x."""
+    return max(1, int(args.max_train_steps * args.lr_drop_fraction))
+
+
+def build_scheduler(optimizer, args, num_processes: int):
+    """The learning-rate schedule, counted in scheduler steps: accelerate steps a prepared scheduler once per
+    process for each optimizer step, so N processes make N scheduler steps per optimizer step (as in
+    transformers' example scripts). "step": DETR's, the rate times 0.1 after `lr_drop_step` optimizer steps,
+    after a linear warm-up of --num_warmup_steps; the others: transformers' get_scheduler."""
+    if args.lr_scheduler_type != "step":
+        return get_scheduler(
+            args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * num_processes,
+            num_training_steps=args.max_train_steps * num_processes,
+        )  # fmt: skip
+    drop, warmup = lr_drop_step(args), args.num_warmup_steps
+
+    def factor(scheduler_step: int) -> float:
+        step = scheduler_step // num_processes  # optimizer steps done
+        return (min(1.0, (step + 1) / warmup) if warmup else 1.0) * (0.1 if step >= drop else 1.0)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def use_cpu() -> bool:
+    """Force accelerate onto the CPU only where accelerate itself finds no accelerator (CUDA, MPS, XPU, NPU,
+    HPU, MLU, MUSA, SDAA, Neuron, TPU), so that `accelerate launch --multi_gpu --num_processes N` on a machine
+    without one forms a gloo group of N CPU processes; elsewhere the device is accelerate's choice (and
+    `accelerate config`'s)."""
+    return not is_torch_xla_available() and PartialState.default_device.fget(None).type == "cpu"
 
 
 # Settings that fix which samples a step sees: a resumed run must share them with its checkpoint,
@@ -233,11 +375,14 @@ def check_finite_weights(model, what: str):
         raise RuntimeError(f"not saving {what}: non-finite values in {len(names)} weights, e.g. {names[:3]}")
 
 
-def save_checkpoint(accelerator, model, output_dir: Path, name: str, settings: dict):
-    """accelerator.save_state (+ the run's settings, train_args.json), written to a temporary folder and
-    renamed into place, so a run killed mid-write never leaves a half checkpoint that
-    --resume_from_checkpoint would pick up."""
-    check_finite_weights(model, f"checkpoint {name}")
+def save_checkpoint(accelerator, model, image_processor, output_dir: Path, name: str, settings: dict, total_limit: int | None = None):
+    """accelerator.save_state (for --resume_from_checkpoint) + the model files (config.json, weights, model code,
+    image processor: from_pretrained, pipeline and scripts/evaluate.py load the folder as it is; the weights file
+    is the one accelerate loads back) + the run's settings (train_args.json), written to a temporary folder and
+    renamed into place, so a run killed mid-write never leaves a half checkpoint that --resume_from_checkpoint
+    would pick up. Then, with `total_limit`, the oldest step_* checkpoints beyond it are deleted."""
+    unwrapped = accelerator.unwrap_model(model)
+    check_finite_weights(unwrapped, f"checkpoint {name}")
     final, partial = output_dir / name, output_dir / f"{name}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
@@ -245,16 +390,23 @@ def save_checkpoint(accelerator, model, output_dir: Path, name: str, settings: d
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        unwrapped.save_pretrained(partial, safe_serialization=True)
+        image_processor.save_pretrained(partial)
         (partial / "train_args.json").write_text(json.dumps(settings, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
+        if total_limit is not None:
+            for old in sorted(completed_checkpoints(output_dir), key=checkpoint_step)[:-total_limit]:
+                shutil.rmtree(old)
+                logger.info(f"deleted {old} (--checkpoints_total_limit {total_limit})")
     accelerator.wait_for_everyone()
 
 
-def save_model(model, image_processor, output_dir: Path):
+def save_model(model, image_processor, output_dir: Path, what: str = "the trained model"):
     """save_pretrained through a temporary folder whose files are then renamed into ``output_dir``
     (weights last): a run killed while saving never leaves a half-written file there."""
-    check_finite_weights(model, "the trained model")
+    check_finite_weights(model, what)
+    output_dir.mkdir(parents=True, exist_ok=True)
     partial = output_dir / "model.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
@@ -264,13 +416,43 @@ def save_model(model, image_processor, output_dir: Path):
     partial.rmdir()
 
 
+class BestModel:
+    """--metric_for_best_model over the evaluations of a run: the model with the best value so far is kept
+    in <output_dir>/best_model (model files, processor, and its metrics in eval_results.json)."""
+
+    def __init__(self, output_dir: Path, metric: str):
+        self.folder, self.metric, self.best, self.step = output_dir / "best_model", metric, None, None
+
+    def update(self, accelerator, model, image_processor, metrics: dict, step: int) -> bool:
+        value = metrics.get(self.metric)
+        if value is None or (self.best is not None and value <= self.best):
+            return False
+        self.best, self.step = value, step
+        if accelerator.is_main_process:
+            save_model(accelerator.unwrap_model(model), image_processor, self.folder, "the best model")
+            write_text_atomic(self.folder / "eval_results.json", json.dumps({**metrics, "train_steps": step}, indent=2))
+            logger.info(f"step {step}: best {self.metric} so far ({value:.4f}), saved to {self.folder}")
+        return True
+
+    def summary(self) -> dict | None:
+        return None if self.step is None else {"step": self.step, self.metric: self.best, "path": self.folder.name}
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.split("_")[1])
+
+
+def completed_checkpoints(output_dir: Path) -> list[Path]:
+    return [p for p in output_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")]
+
+
 def find_checkpoint(output_dir: Path, resume: str) -> Path:
     if resume != "latest":
         return Path(resume)
-    done = [p for p in output_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")]
+    done = completed_checkpoints(output_dir)
     if not done:
         raise FileNotFoundError(f"--resume_from_checkpoint latest: no step_* checkpoint in {output_dir}")
-    return max(done, key=lambda p: int(p.name.split("_")[1]))
+    return max(done, key=checkpoint_step)
 
 
 class NonFiniteStepGuard:
@@ -330,9 +512,10 @@ class NonFiniteStepGuard:
 def train(args):
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
-        # Without a GPU, processes started by `accelerate launch --multi_gpu --num_processes N` (torchrun)
-        # must be told they are CPU workers to join one gloo group (accelerate's `--cpu` launches one process).
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        # Where accelerate finds no accelerator, the processes started by `accelerate launch --multi_gpu
+        # --num_processes N` (torchrun) must be told they are CPU workers to join one gloo group
+        # (accelerate's `--cpu` launches one process); elsewhere accelerate picks the device.
+        cpu=use_cpu(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -345,29 +528,34 @@ def train(args):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    train_data, eval_data, categories, dataset_label = load_data(args, accelerator)
+    (train_data, eval_data), categories, dataset_label = load_data(args, accelerator)
     train_transform = detr_data.build_transform(
         train=True, image_size=args.image_size, max_size=args.max_size, augmentation=args.augmentation
     )
     train_set = detr_data.DetectionDataset(train_data, categories, train_transform, seed=args.seed)
     check_batches(len(train_set), len(train_set) // args.per_device_train_batch_size, args)
+    # Every image every epoch (no drop_last): with several processes accelerate fills the last batches up
+    # with images from the epoch's start (even_batches), so every step has full batches on every process.
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.per_device_train_batch_size, shuffle=True,
-        collate_fn=detr_data.collate_fn, num_workers=args.num_workers, drop_last=True,
+        collate_fn=detr_data.collate_fn, num_workers=args.dataloader_num_workers,
     )  # fmt: skip
     model = build_model(args, categories)
-    # the processor whose post-processing fits the model's class loss
-    image_processor = hf_detr.image_processor_for(model.config, size={"shortest_edge": args.image_size, "longest_edge": args.max_size})
+    image_processor = build_image_processor(args, model.config)
     enable_fast_mode(model, compile=args.torch_compile, sdpa_backend=args.sdpa_backend)
     optimizer = build_optimizer(model, args)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # Counted after `prepare`, which shards the loader over the processes (as transformers' examples do).
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    # DETR's step schedule: one 10x drop late in training (epoch 200 of 300 in the paper).
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, int(args.max_train_steps * args.lr_drop_fraction)), gamma=0.1)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    check_batches(len(train_set), len(loader), args)
+    scheduler = accelerator.prepare(build_scheduler(optimizer, args, accelerator.num_processes))
+    logger.info(
+        f"{len(train_set)} training images, {steps_per_epoch} steps per epoch on each of {accelerator.num_processes} "
+        f"process(es) (batch {args.per_device_train_batch_size} each), {args.max_train_steps} steps in {num_epochs} epochs"
+        + (f"; the learning rate drops 10x after step {lr_drop_step(args)}" if args.lr_scheduler_type == "step" else "")
+    )
     settings = run_settings(args, accelerator, train_set)
     if args.with_tracking:
         accelerator.init_trackers("hf_detr", {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)})
@@ -380,15 +568,31 @@ def train(args):
         checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
         check_resume_settings(checkpoint, settings)
         accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, RNG states, sampler
-        completed_steps = int(checkpoint.name.split("_")[1])
+        completed_steps = checkpoint_step(checkpoint)
         start_epoch, done_in_epoch = divmod(completed_steps, steps_per_epoch)
         skip_batches = done_in_epoch * args.gradient_accumulation_steps
         if accelerator.is_main_process:  # the steps after the checkpoint are trained (and logged) again
             skipped_steps = sum(1 for entry in truncate_log(log_file, completed_steps) if entry.get("skipped"))
-        logger.info(f"resumed from {checkpoint} at step {completed_steps}")
+        logger.info(f"resumed from {checkpoint} at step {completed_steps} (epoch {start_epoch}, {done_in_epoch} steps into it)")
+
+    def evaluate(return_stats=False):
+        return evaluate_model(
+            accelerator.unwrap_model(model), image_processor, eval_data, categories, batch_size=args.per_device_eval_batch_size,
+            accelerator=accelerator, num_workers=args.dataloader_num_workers, per_class=True, return_stats=return_stats,
+        )  # fmt: skip
+
+    best = BestModel(output_dir, args.metric_for_best_model)
+
+    def evaluate_during_training(when: str):
+        metrics = evaluate()
+        logger.info(f"{when}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in COCO_METRIC_NAMES))
+        best.update(accelerator, model, image_processor, metrics, completed_steps)
+        if args.with_tracking:
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=completed_steps)
+        model.train()
 
     progress = tqdm(total=args.max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
-    metrics, last_losses = {}, {}
+    last_losses = {}
     guard = NonFiniteStepGuard(accelerator, model, args.max_consecutive_nonfinite_steps, skipped=skipped_steps)
     for epoch in range(start_epoch, num_epochs):
         model.train()
@@ -402,6 +606,7 @@ def train(args):
                 outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
                 accelerator.backward(outputs.loss)
                 guard.add_loss(outputs.loss)
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm > 0 else None
                     # fp16's grad scaler skips steps with non-finite gradients itself, and must see every step
@@ -416,9 +621,10 @@ def train(args):
             progress.update(1)
             if guard.ok:
                 last_losses = {"loss": outputs.loss.item(), **{k: v.item() for k, v in outputs.loss_dict.items()}}
-                entry = {"step": completed_steps, **last_losses}
+                entry = {"step": completed_steps, **last_losses, "lr": lr}
             else:
                 entry = guard.skip(completed_steps, outputs.loss.item(), [int(target["image_id"]) for target in batch["labels"]])
+                entry["lr"] = lr
             if accelerator.is_main_process:  # one line per optimizer step, also read by the resume test
                 with open(log_file, "a") as log:
                     log.write(json.dumps(entry) + "\n")
@@ -426,21 +632,19 @@ def train(args):
             if last_losses:
                 progress.set_postfix(loss=f"{last_losses['loss']:.3f}")
             if args.with_tracking and entry["loss"] is not None:
-                accelerator.log({f"train/{k}": v for k, v in last_losses.items()} | {"lr": scheduler.get_last_lr()[0]}, step=completed_steps)
+                accelerator.log({f"train/{k}": v for k, v in last_losses.items()} | {"lr": lr}, step=completed_steps)
             if args.checkpointing_steps not in (None, "epoch") and completed_steps % int(args.checkpointing_steps) == 0:
-                save_checkpoint(accelerator, model, output_dir, f"step_{completed_steps}", settings)
+                save_checkpoint(accelerator, model, image_processor, output_dir, f"step_{completed_steps}", settings, args.checkpoints_total_limit)
             if completed_steps >= args.max_train_steps:
                 break
+            if args.eval_strategy == "steps" and completed_steps % args.eval_steps == 0:
+                evaluate_during_training(f"step {completed_steps}")
         if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, model, output_dir, f"step_{completed_steps}", settings)
-        if args.eval_every_epoch and completed_steps < args.max_train_steps:  # the last evaluation follows the save
-            metrics = evaluate_model(accelerator.unwrap_model(model), image_processor, eval_data, categories,
-                                     batch_size=args.per_device_eval_batch_size, accelerator=accelerator)  # fmt: skip
-            logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if args.with_tracking:
-                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=completed_steps)
-        if completed_steps >= args.max_train_steps:
+            save_checkpoint(accelerator, model, image_processor, output_dir, f"step_{completed_steps}", settings, args.checkpoints_total_limit)
+        if completed_steps >= args.max_train_steps:  # the last evaluation follows the save
             break
+        if args.eval_strategy == "epoch":
+            evaluate_during_training(f"epoch {epoch}")
     progress.close()
 
     # The trained model first: nothing after training (evaluation, the card, the push) may lose it.
@@ -453,12 +657,13 @@ def train(args):
     image_status = accelerator.gather(train_set.image_status.to(accelerator.device, torch.int32)[None]).amax(0).cpu()
     train_stats = {**train_set.stats_for(image_status).as_dict(), "skipped_nonfinite_steps": guard.skipped}
     try:
-        metrics, eval_stats = evaluate_model(unwrapped, image_processor, eval_data, categories, return_stats=True,
-                                             batch_size=args.per_device_eval_batch_size, accelerator=accelerator)  # fmt: skip
+        metrics, eval_stats = evaluate(return_stats=True)
     except Exception:
         logger.error(f"evaluation failed; the trained model is saved in {output_dir}")
         raise
-    logger.info("final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    logger.info("final evaluation: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in COCO_METRIC_NAMES))
+    if args.eval_strategy != "no":
+        best.update(accelerator, model, image_processor, metrics, completed_steps)
     if args.with_tracking:
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=completed_steps)
         accelerator.end_training()
@@ -466,12 +671,14 @@ def train(args):
     if accelerator.is_main_process:
         data_stats = {"train": train_stats, "eval": eval_stats}
         results = {**metrics, "train_steps": completed_steps, "final_train_loss": last_losses.get("loss"), "data_stats": data_stats}
+        if best.summary():
+            results["best_model"] = best.summary()
         write_text_atomic(output_dir / "eval_results.json", json.dumps(results, indent=2))
         training_args = {k: v for k, v in vars(args).items() if k != "hub_token"}
-        base_model = args.model_name_or_path if args.model_name_or_path and not Path(args.model_name_or_path).exists() else None
         card = render_model_card(
-            metrics=metrics, dataset_name=dataset_label, training_args=training_args, model_id=args.hub_model_id,
-            dataset_split=args.eval_split or "val", base_model=base_model, model_config=unwrapped.config,
+            metrics={k: metrics[k] for k in COCO_METRIC_NAMES}, dataset_name=dataset_label, training_args=training_args,
+            model_id=args.hub_model_id, dataset_split=args.eval_split or "val", base_model=base_model_of(args, unwrapped.config),
+            model_config=unwrapped.config,
         )  # fmt: skip
         write_text_atomic(output_dir / "README.md", card)
         logger.info(f"run summary: {completed_steps} steps ({guard.skipped} skipped: non-finite), final loss {last_losses.get('loss')}, data {data_stats}")
@@ -480,6 +687,15 @@ def train(args):
             url = push_checkpoint(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token)
             logger.info(f"pushed to {url}")
     return metrics
+
+
+def base_model_of(args, config) -> str | None:
+    """The Hub model the weights started from, for the card's base_model: --model_name_or_path when it is a
+    Hub id, else the checkpoint a local (converted) folder's config names (`converted_from`)."""
+    for candidate in (args.model_name_or_path, getattr(config, "converted_from", None) if args.model_name_or_path else None):
+        if candidate and hub_id(candidate):
+            return candidate
+    return None
 
 
 def main(argv=None):

@@ -58,3 +58,60 @@ def test_round_trip_keeps_every_field(tmp_path):
     for field in ("d_model", "num_queries", "id2label", "category_ids", "normalize_before", "eos_coefficient", "num_labels"):
         assert getattr(loaded, field) == getattr(config, field), field
     assert loaded.backbone_config.to_dict() == config.backbone_config.to_dict()
+
+
+def test_real_valued_fields_take_ints_as_transformers_configs_write_them(tmp_path):
+    import dataclasses
+    import json
+
+    real_valued = [f.name for f in dataclasses.fields(hf_detr.HfDetrConfig) if type(f.default) is float]
+    assert {"class_cost", "bbox_cost", "giou_cost", "dropout", "eos_coefficient", "focal_gamma"} <= set(real_valued)
+    values = {name: 0 for name in real_valued} | {"class_cost": 1, "bbox_cost": 5, "giou_cost": 2, "focal_gamma": 2}
+    config = hf_detr.HfDetrConfig(**values)
+    for name in real_valued:
+        assert type(getattr(config, name)) is float and getattr(config, name) == values[name], name
+    # a config.json as transformers' DetrConfig writes it (`class_cost: 1`)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "class_cost": 1, "bbox_loss_coefficient": 5}))
+    loaded = hf_detr.HfDetrConfig.from_pretrained(tmp_path)
+    assert type(loaded.class_cost) is float and loaded.class_cost == 1.0 and loaded.bbox_loss_coefficient == 5.0
+    with pytest.raises(Exception, match="class_cost"):  # still typed: a string is no number
+        hf_detr.HfDetrConfig(class_cost="1")
+
+
+@pytest.fixture
+def labelled_checkpoint(tmp_path):
+    from conftest import tiny_config
+
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, category_ids=[1, 3, 7]))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_relabelling_gives_a_consistent_config(labelled_checkpoint, caplog):
+    """from_pretrained(..., id2label=..., label2id=..., ignore_mismatched_sizes=True) on a checkpoint with
+    category_ids kept the old ids (3 for 2 labels) and num_labels=K raised; the ids of the old labels now go
+    (warned about), unless given again, and the class head has the new size."""
+    relabelled = hf_detr.HfDetrForObjectDetection.from_pretrained(
+        labelled_checkpoint, id2label={0: "x", 1: "y"}, label2id={"x": 0, "y": 1}, ignore_mismatched_sizes=True
+    )
+    config = relabelled.config
+    assert (config.num_labels, config.id2label, config.category_ids) == (2, {0: "x", 1: "y"}, None)
+    assert relabelled.class_labels_classifier.out_features == 3  # 2 labels + no object
+
+    for num_labels in (2, 5):
+        config = hf_detr.HfDetrConfig.from_pretrained(labelled_checkpoint, num_labels=num_labels)
+        assert config.num_labels == num_labels == len(config.id2label) == len(config.label2id)
+        assert config.category_ids is None
+    model = hf_detr.HfDetrForObjectDetection.from_pretrained(labelled_checkpoint, num_labels=5, ignore_mismatched_sizes=True)
+    assert model.class_labels_classifier.out_features == 6
+
+    # given again, or the labels unchanged: the ids stay
+    config = hf_detr.HfDetrConfig.from_pretrained(labelled_checkpoint, id2label={0: "x", 1: "y"}, category_ids=[4, 9])
+    assert (config.num_labels, config.category_ids) == (2, [4, 9])
+    assert hf_detr.HfDetrConfig.from_pretrained(labelled_checkpoint, num_labels=3).category_ids == [1, 3, 7]
+    assert hf_detr.HfDetrConfig.from_pretrained(labelled_checkpoint).category_ids == [1, 3, 7]
+    # ids that do not fit the labels: an error naming both fields
+    with pytest.raises(ValueError, match="category_ids has 3 entries but num_labels is 2"):
+        hf_detr.HfDetrConfig.from_pretrained(labelled_checkpoint, id2label={0: "x", 1: "y"}, category_ids=[1, 2, 3])

@@ -9,6 +9,7 @@ an original facebookresearch/detr `.pth`, a Hub download, and the conversion scr
 
 import argparse
 import json
+import logging
 import os
 import pickle
 import re
@@ -29,6 +30,7 @@ from transformers import (
     DetrConfig,
     DetrForObjectDetection,
 )
+from transformers.utils import logging as transformers_logging
 
 import hf_detr
 import hf_detr.kernels as kernels
@@ -518,3 +520,36 @@ def test_convert_script_end_to_end(tmp_path, inputs):
     processor = AutoImageProcessor.from_pretrained(output_dir)
     assert isinstance(processor, hf_detr.HfDetrImageProcessor)
     assert_same_outputs(reference, loaded, inputs, "script output folder")
+
+
+# ----------------------------------------------------------------------------------- on-the-fly loading
+
+
+@pytest.mark.parametrize("kind", sorted(TRANSFORMERS_DETRS))
+def test_from_pretrained_converts_a_transformers_checkpoint_on_the_fly(tmp_path, inputs, kind, caplog):
+    """A folder whose config.json says model_type "detr" / "conditional_detr" / "dab-detr" (as saved by
+    transformers, with its ints for float fields: class_cost=1) loads through HfDetrForObjectDetection and
+    HfDetrModel.from_pretrained, converted (said in a log line), relabelled as from_pretrained relabels."""
+    reference = perturbed_detr(tiny_transformers_config(kind, auxiliary_loss=True)).eval()
+    reference.save_pretrained(tmp_path)
+    assert type(json.loads((tmp_path / "config.json").read_text())["class_cost"]) is int  # as transformers writes it
+    transformers_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            model = hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path)
+    finally:
+        transformers_logging.disable_propagation()
+    assert f"{tmp_path} is a transformers '{kind}' checkpoint: converting it to hf_detr on the fly" in caplog.text
+    assert isinstance(model, hf_detr.HfDetrForObjectDetection) and model.config.query_type == TRANSFORMERS_DETRS[kind][2]
+    assert model.config.converted_from == str(tmp_path) and model.config.normalize_between_decoder_layers == (kind != "dab-detr")
+    assert_same_outputs(reference, model, inputs, f"{kind} folder through from_pretrained")
+    base = hf_detr.HfDetrModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state)
+    relabelled = hf_detr.HfDetrForObjectDetection.from_pretrained(
+        tmp_path, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1}, category_ids=[3, 8], ignore_mismatched_sizes=True
+    )
+    assert (relabelled.config.num_labels, relabelled.config.category_ids) == (2, [3, 8])
+    expected_head = 2 if kind != "detr" else 3  # sigmoid heads: one output per label; softmax: + no object
+    assert relabelled.class_labels_classifier.out_features == expected_head
+    torch.testing.assert_close(relabelled.bbox_predictor.layers[0].weight, model.bbox_predictor.layers[0].weight)

@@ -367,3 +367,68 @@ def test_a_detector_that_ignores_the_image_scores_near_zero_on_synthetic_data(tm
     image_ids = [row["image_id"] for row in view]
     evaluator.update(image_ids, [{"scores": scores, "labels": labels, "boxes": boxes}] * len(image_ids))
     assert evaluator.compute()["map"] < 0.05
+
+
+def _hub_folder(tmp_path, rows, features):
+    import datasets
+
+    folder = tmp_path / "hub"
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(folder / "data" / "train.parquet"))
+    return str(folder)
+
+
+def test_hub_schemas_other_spellings_sizes_from_the_images_and_integer_classes(tmp_path):
+    """Rows without width / height (read from the image, EXIF orientation applied), the `bboxes` / `labels`
+    spellings of the object fields, integer class ids named by categories= (train.py --label_names)."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from hf_detr.data import CategoryMap, load_hub_detection_dataset
+
+    def jpeg(width, height, orientation=None):
+        buffer = io.BytesIO()
+        exif = Image.Exif()
+        if orientation:
+            exif[0x0112] = orientation
+        Image.new("RGB", (width, height), (200, 40, 40)).save(buffer, "JPEG", exif=exif)
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    features = datasets.Features({
+        "image": datasets.Image(),
+        "objects": datasets.Sequence({"bboxes": datasets.Sequence(datasets.Value("float32"), length=4), "labels": datasets.Value("int64")}),
+    })  # fmt: skip
+    rows = [
+        {"image": jpeg(80, 60), "objects": {"bboxes": [[2.0, 3.0, 10.0, 12.0]], "labels": [1]}},
+        {"image": jpeg(80, 60, orientation=6), "objects": {"bboxes": [[1.0, 1.0, 5.0, 5.0]], "labels": [0]}},  # shown 60 x 80
+    ]
+    folder = _hub_folder(tmp_path, rows, features)
+    with pytest.raises(ValueError, match=r"objects\.labels holds integer class ids without class names .*--label_names"):
+        load_hub_detection_dataset(folder, "train")
+    data = load_hub_detection_dataset(folder, "train", categories=CategoryMap.from_names(["cat", "dog"]))
+    assert data.dataset["width"] == [80, 60] and data.dataset["height"] == [60, 80]
+    assert data.dataset[0]["objects"]["bbox"] == [[2.0, 3.0, 10.0, 12.0]] and data.dataset[0]["objects"]["category"] == [1]
+    assert data.categories.names == ["cat", "dog"]
+    # trains: the sizes match the decoded (displayed) images
+    dataset = DetectionDataset(data.dataset, data.categories, build_transform(train=False, image_size=64, max_size=64))
+    assert all(dataset[i] is not None for i in range(2)) and dataset.stats.size_mismatch == 0
+
+
+@pytest.mark.parametrize(
+    "objects, message",
+    [
+        ({"box": [[1.0, 1.0, 5.0, 5.0]], "category": [0]}, r"objects has none of the fields \['bbox', 'bboxes'\]"),
+        ({"bbox": [[1.0, 1.0, 5.0, 5.0]], "kind": [0]}, r"objects has none of the fields \['category', 'label', 'labels', 'category_id'\]"),
+        ({"bbox": [[1.0, 1.0, 5.0, 5.0]], "category": ["cat"]}, r"objects\.category must hold class ids"),
+    ],
+)
+def test_hub_schema_errors_name_the_column(tmp_path, objects, message):
+    from PIL import Image
+
+    from hf_detr.data import load_hub_detection_dataset
+
+    rows = [{"image": Image.new("RGB", (32, 32)), "width": 32, "height": 32, "objects": objects}]
+    folder = _hub_folder(tmp_path, rows, None)
+    with pytest.raises(ValueError, match=message):
+        load_hub_detection_dataset(folder, "train")

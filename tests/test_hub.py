@@ -169,3 +169,13 @@ def test_model_card_metrics_table_skips_non_numbers():
 def test_save_eval_results_round_trip(tmp_path):
     path = save_eval_results(tmp_path, METRICS)
     assert json.loads(path.read_text()) == METRICS
+
+
+def test_model_card_lists_the_framework_versions():
+    import importlib.metadata
+
+    text = render_model_card({"map": 0.1}, None, {}, None)
+    section = text.split("## Framework versions")[1].split("##")[0]
+    for name, package in (("Transformers", "transformers"), ("PyTorch", "torch"), ("Accelerate", "accelerate"), ("Datasets", "datasets")):
+        assert f"- {name} {importlib.metadata.version(package)}" in section, name
+    assert "## Framework versions" not in render_model_card({"map": 0.1}, None, {}, None, versions={})

@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -242,3 +243,111 @@ def test_pipeline_on_a_real_photograph(checkpoint):
         assert detection["label"] in names and 0 <= detection["score"] <= 1
         box = detection["box"]
         assert 0 <= box["xmin"] <= box["xmax"] <= image.width and 0 <= box["ymin"] <= box["ymax"] <= image.height
+
+
+def _uniform_std(bound):
+    return bound / 3**0.5
+
+
+def _assert_std(tensor, expected, what):
+    """The sample std of `tensor` within 4 standard errors (~1/sqrt(2n) relative) of `expected`."""
+    n = tensor.numel()
+    assert tensor.std().item() == pytest.approx(expected, rel=max(4 / (2 * n) ** 0.5, 0.05)), what
+
+
+@pytest.mark.parametrize("query_type, class_loss", [("detr", "softmax"), ("conditional", "focal"), ("anchor", "iou_aware")])
+@pytest.mark.parametrize("gain", [1.0, 0.5])
+def test_a_fresh_model_has_detrs_initialisation(query_type, class_loss, gain):
+    """A model built from a config (as train.py builds it) starts from DETR's init: xavier-uniform attention and
+    FFN weights of gain `init_xavier_std` with zero biases, in the encoder and decoder of the detection model too
+    (its HfDetrModel is initialised first, inside it); LayerNorms at identity; the learned query embeddings
+    N(0, 1) (nn.Embedding's); the heads and the input projection with torch's default (uniform +-1/sqrt(fan_in)),
+    a sigmoid class head's bias at the 0.01 prior; the ResNet backbone with its own (kaiming-normal) init."""
+    torch.manual_seed(0)
+    config = tiny_config(query_type=query_type, class_loss=class_loss, init_xavier_std=gain, d_model=64,
+                         encoder_ffn_dim=128, decoder_ffn_dim=128)  # fmt: skip
+    for model in (hf_detr.HfDetrForObjectDetection(config), AutoModelForObjectDetection.from_config(config)):
+        transformer_linears = [
+            (f"{name}.{child_name}", child)
+            for name, module in model.named_modules() if isinstance(module, hf_detr.layers.HfDetrAttention | hf_detr.layers.HfDetrMLP)
+            for child_name, child in module.named_children() if isinstance(child, torch.nn.Linear)
+        ]  # fmt: skip
+        assert len(transformer_linears) >= 4 * (2 + 2 * 3) + 2 * 5  # q, k, v, o per attention; fc1, fc2 per FFN
+        for name, linear in transformer_linears:
+            fan_out, fan_in = linear.weight.shape
+            bound = gain * (6 / (fan_in + fan_out)) ** 0.5
+            assert linear.weight.abs().max() <= bound, name
+            _assert_std(linear.weight, _uniform_std(bound), name)
+            assert linear.bias.abs().max() == 0, name
+        for name, norm in model.named_modules():
+            if isinstance(norm, torch.nn.LayerNorm):
+                assert (norm.weight == 1).all() and (norm.bias == 0).all(), name
+        queries = model.model.queries
+        embedding = queries.anchor_embeddings if query_type == "anchor" else queries.position_embeddings
+        _assert_std(embedding.weight, 1.0, "query embeddings")
+        assert embedding.weight.mean().abs() < 4 / embedding.weight.numel() ** 0.5
+        head = model.class_labels_classifier
+        default_bound = 1 / head.in_features**0.5
+        assert head.weight.abs().max() <= default_bound
+        _assert_std(head.weight, _uniform_std(default_bound), "class head")
+        if class_loss == "softmax":
+            assert head.bias.abs().max() <= default_bound and head.bias.std() > 0
+        else:
+            torch.testing.assert_close(head.bias, torch.full_like(head.bias, -math.log(0.99 / 0.01)))
+        box_layers = model.bbox_predictor.layers
+        first = box_layers[0]
+        _assert_std(first.weight, _uniform_std(1 / first.in_features**0.5), "box head")
+        if query_type == "detr":
+            assert box_layers[-1].weight.std() > 0
+        else:  # the first boxes are the reference points / anchors themselves
+            assert box_layers[-1].weight.abs().max() == 0 and box_layers[-1].bias.abs().max() == 0
+        projection = model.model.input_projection
+        assert projection.weight.abs().max() <= 1 / projection.in_channels**0.5
+        conv = model.model.backbone.model.encoder.stages[-1].layers[0].layer[0].convolution
+        fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
+        _assert_std(conv.weight, (2 / fan_out) ** 0.5, "backbone convolution")
+
+
+@pytest.mark.parametrize("decoder_layers", [2, 6])
+def test_batched_pipeline_gives_the_unbatched_detections(decoder_layers, tmp_path):
+    """pipeline(images, batch_size=B) splits every output field by image: a per-layer list in the output
+    (auxiliary_outputs, which train.py's auxiliary_loss=True would fill) failed once B >= the layer count."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(decoder_layers=decoder_layers, auxiliary_loss=True))
+    model.save_pretrained(tmp_path)
+    hf_detr.HfDetrImageProcessor(size={"shortest_edge": 48, "longest_edge": 64}).save_pretrained(tmp_path)
+    generator = torch.Generator().manual_seed(1)
+    images = [Image.fromarray(torch.randint(0, 255, (48, 64, 3), generator=generator, dtype=torch.uint8).numpy()) for _ in range(8)]
+    detector = pipeline("object-detection", model=str(tmp_path), threshold=0.0)
+    expected = [detector(image) for image in images]
+    assert all(len(detections) == model.config.num_queries for detections in expected)  # threshold 0: every query
+    for batch_size in (1, 2, 4, 8):
+        batched = detector(images, batch_size=batch_size)
+        assert len(batched) == len(images)
+        for got, want in zip(batched, expected):
+            assert [d["label"] for d in got] == [d["label"] for d in want], batch_size
+            for d, e in zip(got, want):
+                assert d["score"] == pytest.approx(e["score"], abs=1e-5)
+                assert all(abs(d["box"][k] - e["box"][k]) <= 1 for k in e["box"])  # integer pixels
+
+
+def test_building_the_pipeline_logs_only_transformers_built_in_table_error(checkpoint, caplog):
+    """transformers' object-detection pipeline checks the model class against a copy of its built-in table
+    (MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES), not the models registered with AutoModelForObjectDetection, and
+    logs an ERROR line for any other; the pipeline then runs (README, "Use"). If a transformers version
+    accepts registered models there, this test fails and the README's note goes."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.ERROR):
+            detector = pipeline("object-detection", model=str(checkpoint), threshold=0.0)
+    finally:
+        transformers_logging.disable_propagation()
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors and all(e.startswith("The model 'HfDetrForObjectDetection' is not supported for object-detection") for e in errors)
+    assert len(detector(__import__("PIL.Image").Image.new("RGB", (64, 48)))) == 10

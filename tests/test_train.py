@@ -63,28 +63,65 @@ def check_output_dir(output_dir, steps):
 
 def test_default_run_in_one_process(tmp_path):
     output_dir = tmp_path / "run"
-    launch(tmp_path, *TINY_RUN, "--max_train_steps", "3", "--output_dir", str(output_dir), "--with_tracking")
+    launch(
+        tmp_path, *TINY_RUN, "--max_train_steps", "3", "--output_dir", str(output_dir), "--with_tracking",
+        "--eval_strategy", "steps", "--eval_steps", "1", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
+    )  # fmt: skip
     check_output_dir(output_dir, 3)
     assert list((output_dir / "logs").rglob("events.out.tfevents*")), "no TensorBoard log"
-    # scripts/evaluate.py on the same checkpoint and split reproduces the training run's numbers
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    # per class, as transformers' object-detection examples name them
+    for name in ("rectangle", "ellipse", "triangle"):
+        assert -1 <= results[f"map_{name}"] <= 1 and -1 <= results[f"mar_100_{name}"] <= 1
+    # --checkpoints_total_limit 2: the latest two step checkpoints; each loads as a model
+    assert sorted(p.name for p in output_dir.glob("step_*")) == ["step_2", "step_3"]
+    # the best model by map over the evaluations (steps 1, 2 and the final one), in best_model/
+    best = results["best_model"]
+    assert best["path"] == "best_model" and best["step"] in (1, 2, 3) and best["map"] >= results["map"]
+    best_results = json.loads((output_dir / "best_model" / "eval_results.json").read_text())
+    assert best_results["map"] == best["map"] and best_results["train_steps"] == best["step"]
+    hf_detr.HfDetrForObjectDetection.from_pretrained(output_dir / "best_model")
+    # scripts/evaluate.py on the last intermediate checkpoint (the trained model: step 3 is the last) and the
+    # same split reproduces the training run's numbers
     metrics_file = tmp_path / "metrics.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model_name_or_path", str(output_dir),
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model_name_or_path", str(output_dir / "step_3"),
          "--dataset_name", str(tmp_path / "cache" / "synthetic-16-6"), "--split", "val", "--output_file", str(metrics_file)],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     trained = json.loads((output_dir / "eval_results.json").read_text())
     evaluated = json.loads(metrics_file.read_text())
-    for key in ("map", "map_50", "mar_100"):
+    for key in ("map", "map_50", "mar_100", "map_rectangle", "mar_100_triangle"):
         assert evaluated[key] == pytest.approx(trained[key], abs=1e-6), key
+    from PIL import Image
+    from transformers import pipeline
+
+    assert pipeline("object-detection", model=str(output_dir / "step_2"), threshold=0.0)(Image.new("RGB", (64, 64)))
 
 
-def test_two_processes(tmp_path):
-    output_dir = tmp_path / "run"
-    result = launch(tmp_path, *TINY_RUN, "--max_train_steps", "2", "--output_dir", str(output_dir), num_processes=2)
-    assert "2 process(es), DistributedType.MULTI_CPU" in result.stderr + result.stdout
-    check_output_dir(output_dir, 2)
+def test_two_processes_count_their_steps_after_sharding_and_resume_mid_epoch(tmp_path):
+    """2 processes, 12 images, batch 4, 2 epochs and no --max_train_steps: each process gets 2 batches per epoch
+    (accelerate fills the last one), so 2 * ceil(12 / (4 * 2)) = 4 steps; counted before sharding, the run did
+    1 step per epoch (and with --max_train_steps the LR drop came twice as early). The LR drops after step
+    int(4 * 2/3) = 2, the final evaluation runs, and a run resumed from step 3 (mid epoch 1) repeats step 4."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run = [*TINY_RUN, "--synthetic_train_images", "12", "--num_train_epochs", "2"]
+    result = launch(tmp_path, *run, "--checkpointing_steps", "3", "--output_dir", str(full), num_processes=2)
+    output = result.stderr + result.stdout
+    assert "2 process(es), DistributedType.MULTI_CPU" in output
+    assert "12 training images, 2 steps per epoch on each of 2 process(es) (batch 4 each), 4 steps in 2 epochs" in output
+    check_output_dir(full, 4)
+    log = read_log(full)
+    assert [log[step]["lr"] for step in (1, 2, 3, 4)] == pytest.approx([5e-4, 5e-4, 5e-5, 5e-5])
+    assert "the learning rate drops 10x after step 2" in output
+    resumed.mkdir()
+    shutil.copytree(full / "step_3", resumed / "step_3")
+    result = launch(tmp_path, *run, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", num_processes=2)
+    assert "at step 3 (epoch 1, 1 steps into it)" in result.stderr + result.stdout
+    assert set(read_log(resumed)) == {4}
+    assert read_log(resumed)[4]["loss"] == pytest.approx(log[4]["loss"], rel=1e-5)
+    assert json.loads((resumed / "eval_results.json").read_text())["train_steps"] == 4
 
 
 def test_resumed_run_reaches_the_same_loss_as_an_uninterrupted_one(tmp_path):
@@ -103,27 +140,51 @@ def test_resumed_run_reaches_the_same_loss_as_an_uninterrupted_one(tmp_path):
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
+    """A local folder as scripts/convert_detr_checkpoint.py leaves it: its config names the Hub model it was
+    converted from."""
     folder = tmp_path / "tiny"
-    hf_detr.HfDetrForObjectDetection(tiny_config(freeze_backbone_stages=0)).save_pretrained(folder)
+    hf_detr.HfDetrForObjectDetection(tiny_config(freeze_backbone_stages=0, converted_from="facebook/detr-resnet-50")).save_pretrained(folder)
     return folder
 
 
-def test_local_coco_folder_trains_and_evaluates(tmp_path, tiny_checkpoint):
+def test_local_coco_folder_trains_from_a_transformers_detr_checkpoint(tmp_path):
+    """--model_name_or_path a folder as transformers' DetrForObjectDetection saves it (ints for its float
+    config fields: class_cost=1, as in facebook/detr-resnet-50) converts on the fly, says so, and fine-tunes;
+    scripts/evaluate.py evaluates such a folder the same way."""
+    from transformers import DetrConfig, DetrForObjectDetection
+
+    from conftest import TINY_SIZES, tiny_backbone_config
     from hf_detr.data import make_synthetic_coco
 
+    detr = tmp_path / "transformers_detr"
+    config = DetrConfig(backbone_config=tiny_backbone_config(), use_timm_backbone=False, **TINY_SIZES)
+    DetrForObjectDetection(config).save_pretrained(detr)
+    assert json.loads((detr / "config.json").read_text())["class_cost"] == 1
     coco = make_synthetic_coco(tmp_path / "coco", num_train=8, num_val=4, image_size=64, seed=1)
     output_dir = tmp_path / "run"
-    launch(
+    result = launch(
         tmp_path, "--dataset_name", str(coco), "--train_split", "train", "--eval_split", "val",
-        "--model_name_or_path", str(tiny_checkpoint), "--image_size", "64", "--max_size", "64",
+        "--model_name_or_path", str(detr), "--image_size", "64", "--max_size", "64",
         "--per_device_train_batch_size", "4", "--max_train_steps", "2", "--output_dir", str(output_dir),
     )  # fmt: skip
+    assert f"{detr} is a transformers 'detr' checkpoint: converting it to hf_detr on the fly" in result.stderr
     check_output_dir(output_dir, 2)
     config = hf_detr.HfDetrConfig.from_pretrained(output_dir)
     assert config.category_ids == [1, 3, 7] and config.id2label == {0: "rectangle", 1: "ellipse", 2: "triangle"}
+    assert config.converted_from == str(detr)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model_name_or_path", str(detr),
+         "--dataset_name", str(coco), "--split", "val"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{detr} is a transformers 'detr' checkpoint: converting it to hf_detr on the fly" in result.stderr
+    assert -1 <= json.loads(result.stdout)["map"] <= 1
 
 
-def test_hub_schema_dataset_trains_and_evaluates(tmp_path, tiny_checkpoint):
+def test_hub_schema_dataset_with_a_training_split_only(tmp_path, tiny_checkpoint):
+    """A Hub-schema dataset with only a train split: --train_val_split of it is held out for evaluation (as in
+    transformers' examples), --max_train_samples takes the first images of the rest."""
     import datasets
     from PIL import Image
 
@@ -137,18 +198,98 @@ def test_hub_schema_dataset_trains_and_evaluates(tmp_path, tiny_checkpoint):
         },
     })  # fmt: skip
     rows = []
-    for i in range(6):
-        image = Image.new("RGB", (72, 56), (40 * i, 90, 160))
+    for i in range(8):
+        image = Image.new("RGB", (72, 56), (30 * i, 90, 160))
         rows.append({"image": image, "image_id": i, "width": 72, "height": 56,
                      "objects": {"id": [10 * i], "area": [300.0], "bbox": [[5.0 + i, 6.0, 20.0, 15.0]], "category": [i % 2]}})  # fmt: skip
     folder = tmp_path / "hub_dataset"
-    for split in ("train", "validation"):
-        datasets.Dataset.from_list(rows, features=features).to_parquet(str(folder / "data" / f"{split}.parquet"))
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(folder / "data" / "train.parquet"))
     output_dir = tmp_path / "run"
-    launch(
+    result = launch(
         tmp_path, "--dataset_name", str(folder), "--model_name_or_path", str(tiny_checkpoint),
         "--image_size", "64", "--max_size", "64", "--per_device_train_batch_size", "3", "--max_train_steps", "2",
-        "--output_dir", str(output_dir),
+        "--train_val_split", "0.25", "--max_train_samples", "4", "--output_dir", str(output_dir),
     )  # fmt: skip
+    assert "has no 'validation' split" in result.stderr and "holding out --train_val_split 0.25 of 'train'" in result.stderr
     check_output_dir(output_dir, 2)
     assert hf_detr.HfDetrConfig.from_pretrained(output_dir).id2label == {0: "cat", 1: "dog"}
+    stats = json.loads((output_dir / "eval_results.json").read_text())["data_stats"]
+    assert stats["train"]["images"] == 4 and stats["eval"]["images"] == 2
+    # the model card names the Hub model the local converted folder came from, as transformers' Trainer card does
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.base_model == "facebook/detr-resnet-50" and "## Framework versions" in card.text
+
+
+def load_train_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_detr_train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_is_forced_only_where_accelerate_finds_no_accelerator(monkeypatch):
+    """Accelerator(cpu=...) overrides the device accelerate would pick (and `accelerate config`): only where
+    accelerate itself finds no accelerator (this machine) is the CPU forced, e.g. an XPU, NPU, HPU or TPU
+    host gets its device."""
+    import accelerate.state
+
+    train_script = load_train_script()
+    assert train_script.use_cpu()  # CI: no accelerator
+    for check in ("is_xpu_available", "is_hpu_available", "is_mps_available"):  # device types this torch knows
+        with monkeypatch.context() as patch:
+            patch.setattr(accelerate.state, check, lambda *args, **kwargs: True)
+            assert not train_script.use_cpu(), check
+    with monkeypatch.context() as patch:
+        patch.setattr(train_script, "is_torch_xla_available", lambda *args, **kwargs: True)
+        assert not train_script.use_cpu()
+
+
+def test_help_lists_the_example_scripts_argument_names():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    names = [
+        "--dataset_name", "--dataset_config_name", "--output_dir", "--model_name_or_path", "--config_name",
+        "--config_overrides", "--image_processor_name", "--cache_dir", "--trust_remote_code", "--max_train_samples",
+        "--max_eval_samples", "--train_val_split", "--max_train_steps", "--num_train_epochs",
+        "--per_device_train_batch_size", "--per_device_eval_batch_size", "--learning_rate", "--lr_scheduler_type",
+        "--num_warmup_steps", "--adam_beta1", "--adam_beta2", "--adam_epsilon", "--dataloader_num_workers",
+        "--ignore_mismatched_sizes", "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint",
+        "--eval_strategy", "--eval_steps", "--metric_for_best_model", "--push_to_hub", "--hub_model_id",
+        "--with_tracking", "--seed", "--label_names",
+    ]  # fmt: skip
+    missing = [name for name in names if name not in result.stdout]
+    assert not missing, missing
+
+
+def test_config_name_and_image_processor_name(tmp_path):
+    """--config_name: an hf_detr config or a transformers DETR one (mapped), then the run's labels and
+    --config_overrides, checked together; --image_processor_name: that processor instead of the default."""
+    from accelerate import PartialState
+    from transformers import DetrConfig
+
+    from conftest import TINY_SIZES, tiny_backbone_config
+    from hf_detr.data import CategoryMap
+
+    PartialState(cpu=True)  # train.py logs through accelerate's logger
+    train_script = load_train_script()
+    categories = CategoryMap([1, 3, 7], ["a", "b", "c"])
+    DetrConfig(backbone_config=tiny_backbone_config(), use_timm_backbone=False, **TINY_SIZES).save_pretrained(tmp_path / "detr")
+    tiny_config(d_model=64, encoder_attention_heads=2, decoder_attention_heads=2).save_pretrained(tmp_path / "hf_detr")
+    processor = hf_detr.HfDetrImageProcessor(size={"shortest_edge": 40, "longest_edge": 50})
+    processor.save_pretrained(tmp_path / "processor")
+    for name, d_model in (("detr", TINY_SIZES["d_model"]), ("hf_detr", 64)):
+        argv = ["--dataset_name", "unused", "--config_name", str(tmp_path / name), "--config_overrides", "num_queries=7"]
+        args = train_script.apply_defaults(train_script.parse_args(argv))
+        model = train_script.build_model(args, categories)
+        config = model.config
+        assert (config.d_model, config.num_queries, config.num_labels, config.category_ids) == (d_model, 7, 3, [1, 3, 7]), name
+        assert model.class_labels_classifier.out_features == 4
+    args = train_script.apply_defaults(train_script.parse_args(["--image_processor_name", str(tmp_path / "processor")]))
+    assert train_script.build_image_processor(args, config).size == processor.size
+    with pytest.raises(ValueError, match="config_name .*: a 'resnet' config"):
+        tiny_backbone_config().save_pretrained(tmp_path / "resnet")
+        train_script.build_model(train_script.apply_defaults(train_script.parse_args(["--config_name", str(tmp_path / "resnet")])), categories)
