@@ -428,7 +428,7 @@ def main(argv=None):
     parser.add_argument("--num_evals", type=int, default=5, help="COCO evaluations, evenly spaced over the budget")
     parser.add_argument("--seed", type=int, default=0, help="the first seed (model init, data order, augmentation)")
     parser.add_argument("--spread_seeds", type=int, default=2, help="seeds for the top contenders (seed, seed + 1, ...)")
-    parser.add_argument("--spread_top", type=int, default=2, help="top hf_detr contenders (and the top transformers one) given --spread_seeds")
+    parser.add_argument("--spread_top", type=int, default=1, help="top hf_detr contenders (and the top transformers one) given --spread_seeds")
     parser.add_argument("--dataset_name", default=None, help="a local COCO folder or Hub dataset; default: the built-in synthetic data")
     parser.add_argument("--train_split", default=None)
     parser.add_argument("--eval_split", default=None)
