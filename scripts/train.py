@@ -43,6 +43,9 @@ SMALL_MODEL = dict(
     freeze_backbone_stages=0, freeze_backbone_batch_norm=False,  # trained from scratch: train all of it, live BN
     d_model=128, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
     encoder_ffn_dim=256, decoder_ffn_dim=256, num_queries=10, dropout=0.0,
+    # the recipe that converged fastest in scripts/benchmark_convergence.py (BENCHMARKS.md): DAB-DETR's anchor
+    # queries, the focal class loss (matching cost 2), Group DETR's query groups, DN-DETR's denoising queries
+    query_type="anchor", class_loss="focal", class_cost=2.0, num_query_groups=6, num_denoising_queries=40,
 )  # fmt: skip
 
 
@@ -151,7 +154,7 @@ def apply_defaults(args):
     """Fill in what depends on the dataset: a small, fast run on synthetic data, DETR's recipe otherwise."""
     synthetic = args.dataset_name is None
     defaults = (
-        dict(image_size=128, max_size=128, augmentation="flip", num_train_epochs=18, per_device_train_batch_size=16,
+        dict(image_size=128, max_size=128, augmentation="flip", num_train_epochs=6, per_device_train_batch_size=16,
              per_device_eval_batch_size=32, learning_rate=5e-4, backbone_learning_rate=5e-4,
              synthetic_train_images=4000, synthetic_val_images=200)
         if synthetic

@@ -1,0 +1,488 @@
+"""Convergence at an equal budget: hf_detr's DETR variants against transformers' DETR family.
+
+    python scripts/benchmark_convergence.py                      # every contender, 1500 steps, built-in data
+    python scripts/benchmark_convergence.py --contenders detr,best,transformers-detr --seed 1
+    python scripts/benchmark_convergence.py --quick              # tiny sizes: checks every contender runs (seconds)
+    python scripts/benchmark_convergence.py --dataset_name /data/coco --budget_steps 20000
+
+Method. Every contender trains through one loop (`train_run`) on the same data, in the same order for
+a given seed, with the same augmentation, image size, batch, optimiser (AdamW, one learning rate for the
+backbone and one for the rest, weight decay, gradient clipping), LR schedule (one 10x drop after a
+fraction of the budget) and number of steps: the built-in run's recipe (`scripts/train.py`'s synthetic
+defaults, its `SMALL_MODEL` sizes). Every model has the same backbone (a ResNet trained from scratch with
+live batch norm), width, layer counts and number of queries. hf_detr contenders are `HfDetrConfig` values
+(`HF_CONTENDERS`); transformers' `DetrForObjectDetection`, `ConditionalDetrForObjectDetection` and
+`DabDetrForObjectDetection` are built at the same sizes with their own losses, matchers and defaults
+(`TRANSFORMERS_CONTENDERS`); their backbone is swapped for the same live-BN ResNet, all of it trained
+(transformers freezes an AutoBackbone ResNet's batch norms, and DETR / Conditional DETR all of its
+weights, which at random init would leave them a random frozen backbone). COCO mAP (pycocotools,
+`hf_detr.evaluation.evaluate_model`) is measured at `--num_evals` evenly spaced points of the budget. The
+top contenders are trained again with further seeds (`--spread_seeds`); their rows show the mean and the
+range. Runs go `--jobs` at a time in subprocesses of `--threads` threads each; time per step (training
+only, data loading included, evaluation excluded) is a side column: it depends on what else runs.
+"""
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train as train_script  # noqa: E402  (the built-in run's sizes and recipe)
+
+import hf_detr  # noqa: E402
+from hf_detr import data as detr_data  # noqa: E402
+from hf_detr.evaluation import evaluate_model  # noqa: E402
+
+DATA_CACHE = Path(os.environ.get("HF_DETR_CACHE", Path.home() / ".cache" / "hf_detr"))
+# The config fields a contender may set; everything else comes from the built-in run's SMALL_MODEL.
+RECIPE_FIELDS = (
+    "query_type", "class_loss", "num_query_groups", "num_denoising_queries", "denoising_label_noise",
+    "denoising_box_noise", "look_forward_twice", "scale_encoder_positions", "position_embedding_temperature",
+    "normalize_between_decoder_layers", "class_cost", "bbox_cost", "giou_cost", "ce_loss_coefficient",
+    "bbox_loss_coefficient", "giou_loss_coefficient", "eos_coefficient", "focal_alpha", "focal_gamma", "iou_aware_alpha",
+)  # fmt: skip
+FOCAL = dict(class_loss="focal", class_cost=2.0)  # the focal matching cost weight of Deformable / Conditional / DAB-DETR
+DAB = dict(query_type="anchor", scale_encoder_positions=True, position_embedding_temperature=20, look_forward_twice=True)
+# name -> HfDetrConfig values over HfDetrConfig()'s own (the rest of the recipe: the paper's DETR)
+HF_CONTENDERS = {
+    "detr": {},
+    "detr-focal": FOCAL,
+    "conditional": dict(query_type="conditional"),
+    "conditional-focal": dict(query_type="conditional", **FOCAL),
+    "anchor": dict(query_type="anchor"),
+    "anchor-focal": dict(query_type="anchor", **FOCAL),
+    "anchor-iou_aware": dict(query_type="anchor", class_loss="iou_aware", class_cost=2.0),
+    "dab-detr": {**DAB, **FOCAL},  # transformers' DabDetrConfig recipe
+    "anchor-focal-groups": dict(query_type="anchor", num_query_groups=6, **FOCAL),
+    "anchor-focal-denoising": dict(query_type="anchor", num_denoising_queries=40, **FOCAL),
+    "best": dict(query_type="anchor", num_query_groups=6, num_denoising_queries=40, **FOCAL),
+}
+DEFAULT_RECIPE = "best"  # the contender whose values scripts/train.py's built-in run uses (tested)
+TRANSFORMERS_CONTENDERS = ("transformers-detr", "transformers-conditional", "transformers-dab")
+# each transformers model and the hf_detr contender with its recipe, for the "same recipe" comparison
+COUNTERPARTS = {"transformers-detr": "detr", "transformers-conditional": "conditional-focal", "transformers-dab": "dab-detr"}
+CONTENDERS = (*HF_CONTENDERS, *TRANSFORMERS_CONTENDERS)
+TARGETS = {"transformers-detr": 3.0, "conditional-or-dab": 1.3}  # best hf_detr recipe >= this x their final mAP
+
+# --quick: a tiny model on a tiny synthetic set, a few steps (every code path, no meaningful number)
+QUICK_MODEL = dict(
+    backbone_config=dict(model_type="resnet", embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", out_features=["stage2"]),
+    d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+    encoder_ffn_dim=64, decoder_ffn_dim=64,
+)  # fmt: skip
+
+
+def recipe_defaults() -> dict:
+    config = hf_detr.HfDetrConfig()
+    return {field: getattr(config, field) for field in RECIPE_FIELDS}
+
+
+def resolve_settings(args) -> dict:
+    """Everything a run depends on, from the built-in run's defaults and the arguments (one JSON dict)."""
+    defaults = train_script.apply_defaults(train_script.parse_args([]))
+    sizes = {k: v for k, v in train_script.SMALL_MODEL.items() if k not in RECIPE_FIELDS}
+    settings = dict(
+        dataset_name=args.dataset_name, train_split=args.train_split, eval_split=args.eval_split,
+        image_size=args.image_size or defaults.image_size, max_size=args.image_size or defaults.max_size,
+        augmentation=defaults.augmentation, batch_size=args.batch_size or defaults.per_device_train_batch_size,
+        eval_batch_size=defaults.per_device_eval_batch_size, learning_rate=args.learning_rate or defaults.learning_rate,
+        backbone_learning_rate=args.learning_rate or defaults.backbone_learning_rate, weight_decay=defaults.weight_decay,
+        max_grad_norm=defaults.max_grad_norm, lr_drop_fraction=defaults.lr_drop_fraction, budget_steps=args.budget_steps,
+        num_evals=args.num_evals, synthetic_train_images=defaults.synthetic_train_images,
+        synthetic_val_images=defaults.synthetic_val_images, synthetic_image_size=128, model=sizes,
+    )  # fmt: skip
+    if args.quick:
+        settings.update(
+            image_size=64, max_size=64, batch_size=4, eval_batch_size=8, budget_steps=4, num_evals=4,
+            synthetic_train_images=16, synthetic_val_images=4, synthetic_image_size=64, model={**sizes, **QUICK_MODEL},
+        )  # fmt: skip
+    return settings
+
+
+_DATA: dict[str, tuple] = {}  # loaded once per process
+
+
+def load_data(settings: dict, cache: Path):
+    key = json.dumps([settings[k] for k in ("dataset_name", "train_split", "eval_split", "synthetic_train_images",
+                                            "synthetic_val_images", "synthetic_image_size")] + [str(cache)])  # fmt: skip
+    if key not in _DATA:
+        _DATA[key] = _load_data(settings, cache)
+    return _DATA[key]
+
+
+def _load_data(settings: dict, cache: Path):
+    if settings["dataset_name"] is None:
+        # where scripts/train.py writes the same images (HF_DETR_CACHE, or ~/.cache/hf_detr)
+        size = settings["synthetic_image_size"]
+        root = cache / f"synthetic-{settings['synthetic_train_images']}-{settings['synthetic_val_images']}{'' if size == 128 else f'-{size}px'}"
+        detr_data.make_synthetic_coco(root, num_train=settings["synthetic_train_images"], num_val=settings["synthetic_val_images"],
+                                      image_size=settings["synthetic_image_size"], seed=0)  # fmt: skip
+        train, categories = detr_data.load_coco_folder(root, "train")
+        return train, detr_data.load_coco_folder(root, "val").dataset, categories
+    name = settings["dataset_name"]
+    is_coco_folder = (Path(name) / "annotations").is_dir()
+    known = detr_data.HUB_DATASETS.get(name)
+    train_split = settings["train_split"] or ("train2017" if is_coco_folder else known.train_split if known else "train")
+    eval_split = settings["eval_split"] or ("val2017" if is_coco_folder else known.eval_split if known else "validation")
+    train, categories = detr_data.load_detection_dataset(name, train_split)
+    return train, detr_data.load_detection_dataset(name, eval_split).dataset, categories
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def hf_config(name: str, settings: dict, categories) -> hf_detr.HfDetrConfig:
+    labels = dict(id2label=categories.id2label, label2id=categories.label2id, category_ids=list(categories.category_ids))
+    return hf_detr.HfDetrConfig(**{**settings["model"], **recipe_defaults(), **HF_CONTENDERS[name], **labels})
+
+
+def transformers_model(name: str, settings: dict, categories):
+    """transformers' model of the same sizes (its own loss, matcher, costs and init), with hf_detr's backbone
+    module type: a live-BN ResNet, trained whole. -> (model, the HfDetrConfig whose processor fits it)."""
+    from transformers import AutoBackbone, ConditionalDetrConfig, ConditionalDetrForObjectDetection, DabDetrConfig
+    from transformers import DabDetrForObjectDetection, DetrConfig, DetrForObjectDetection
+
+    sizes = hf_config("detr", settings, categories)
+    kwargs = dict(
+        backbone_config=sizes.backbone_config, use_timm_backbone=False, use_pretrained_backbone=False, auxiliary_loss=True,
+        id2label=categories.id2label, label2id=categories.label2id,
+        **{k: getattr(sizes, k) for k in ("encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+                                          "encoder_ffn_dim", "decoder_ffn_dim", "num_queries", "dropout")},
+    )  # fmt: skip
+    width = sizes.d_model
+    config_class, model_class, processor_loss = {
+        "transformers-detr": (DetrConfig, DetrForObjectDetection, "softmax"),
+        "transformers-conditional": (ConditionalDetrConfig, ConditionalDetrForObjectDetection, "focal"),
+        "transformers-dab": (DabDetrConfig, DabDetrForObjectDetection, "focal"),
+    }[name]
+    config = config_class(**kwargs, **({"hidden_size": width} if config_class is DabDetrConfig else {"d_model": width}))
+    model = model_class(config)
+    encoder = model.model.backbone
+    encoder = getattr(encoder, "conv_encoder", encoder)  # DAB-DETR wraps it with the position embedding
+    encoder.model = AutoBackbone.from_config(sizes.backbone_config)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return model, hf_detr.HfDetrConfig(**settings["model"], class_loss=processor_loss, num_labels=categories.num_labels)
+
+
+def build_model(name: str, settings: dict, categories):
+    """-> (model, image processor)."""
+    if name in HF_CONTENDERS:
+        config = hf_config(name, settings, categories)
+        model = hf_detr.HfDetrForObjectDetection(config)
+    else:
+        model, config = transformers_model(name, settings, categories)
+    size = {"shortest_edge": settings["image_size"], "longest_edge": settings["max_size"]}
+    return model, hf_detr.image_processor_for(config, size=size)
+
+
+# -------------------------------------------------------------------------------------------- training
+
+
+def eval_steps(settings: dict) -> list[int]:
+    budget, n = settings["budget_steps"], settings["num_evals"]
+    return sorted({max(1, round(budget * (i + 1) / n)) for i in range(n)})
+
+
+def train_run(name: str, seed: int, settings: dict, cache: Path, log=print) -> dict:
+    """Train one contender with one seed for the budget; mAP at every evaluation step."""
+    torch.manual_seed(seed)
+    train_data, val_data, categories = load_data(settings, cache)
+    model, processor = build_model(name, settings, categories)
+    transform = detr_data.build_transform(True, image_size=settings["image_size"], max_size=settings["max_size"],
+                                          augmentation=settings["augmentation"])  # fmt: skip
+    dataset = detr_data.DetectionDataset(train_data, categories, transform, seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings["batch_size"], shuffle=True, drop_last=True,
+                                         collate_fn=detr_data.collate_fn, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("model.backbone.")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("model.backbone.")]
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": settings["learning_rate"]}, {"params": backbone, "lr": settings["backbone_learning_rate"]}],
+                                  weight_decay=settings["weight_decay"])  # fmt: skip
+    budget = settings["budget_steps"]
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, int(budget * settings["lr_drop_fraction"])), gamma=0.1)
+    evals, points, losses, skipped, train_time, step = [], eval_steps(settings), [], 0, 0.0, 0
+    for epoch in range(math.ceil(budget / max(1, len(loader)))):
+        dataset.set_epoch(epoch)
+        model.train()
+        start = time.perf_counter()
+        for batch in loader:
+            if batch is None:
+                continue
+            labels = [{"class_labels": t["class_labels"], "boxes": t["boxes"]} for t in batch["labels"]]
+            loss = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings["max_grad_norm"])
+                optimizer.step()
+                losses.append(loss.item())
+            else:
+                skipped += 1
+            scheduler.step()
+            step += 1
+            if step in points:
+                train_time += time.perf_counter() - start
+                metrics = evaluate_model(model, processor, val_data, categories, batch_size=settings["eval_batch_size"])
+                evals.append({"step": step, **{k: metrics[k] for k in ("map", "map_50", "map_75")}})
+                log(f"  {name} seed {seed} step {step}: map {metrics['map']:.4f}, map_50 {metrics['map_50']:.4f}, "
+                    f"loss {sum(losses[-50:]) / max(1, len(losses[-50:])):.3f}, {train_time / step:.3f} s/step")  # fmt: skip
+                model.train()
+                start = time.perf_counter()
+            if step >= budget:
+                break
+        else:
+            train_time += time.perf_counter() - start
+            continue
+        break
+    final_loss = sum(losses[-50:]) / max(1, len(losses[-50:]))
+    return dict(contender=name, seed=seed, evals=evals, final_loss=final_loss, seconds_per_step=train_time / max(1, step),
+                skipped_steps=skipped, parameters=sum(p.numel() for p in model.parameters()))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def run_key(settings: dict, name: str) -> str:
+    """What a run's result depends on: the settings and the contender's definition."""
+    spec = [settings, HF_CONTENDERS.get(name, name)]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_all(runs: list[tuple[str, int]], settings: dict, output_dir: Path, jobs: int, threads: int, resume: bool) -> list[dict]:
+    """Each (contender, seed) run, `jobs` at a time in subprocesses (in this process when jobs <= 1);
+    a finished run's result file is reused with --resume when its settings are the same."""
+    run_dir = output_dir / "runs"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results, pending = {}, []
+    for name, seed in runs:
+        file = run_dir / f"{name}-seed{seed}.json"
+        if resume and file.is_file() and json.loads(file.read_text()).get("run_key") == run_key(settings, name):
+            results[(name, seed)] = json.loads(file.read_text())
+            print(f"reusing {file}")
+        else:
+            pending.append((name, seed, file))
+    if jobs <= 1:
+        for name, seed, file in pending:
+            results[(name, seed)] = finish(train_run(name, seed, settings, DATA_CACHE), run_key(settings, name), file)
+    else:
+        active = []
+        while pending or active:
+            while pending and len(active) < jobs:
+                name, seed, file = pending.pop(0)
+                job = {"name": name, "seed": seed, "settings": settings, "cache": str(DATA_CACHE), "file": str(file), "key": run_key(settings, name)}
+                job_file = run_dir / f"{name}-seed{seed}.job.json"
+                job_file.write_text(json.dumps(job))
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                active.append((name, seed, file, subprocess.Popen([sys.executable, __file__, "--worker", str(job_file)], env=env)))
+            time.sleep(1)
+            for entry in [a for a in active if a[3].poll() is not None]:
+                active.remove(entry)
+                name, seed, file, process = entry
+                if process.returncode != 0:
+                    raise RuntimeError(f"{name} seed {seed} failed (exit {process.returncode}); see its output above")
+                results[(name, seed)] = json.loads(file.read_text())
+    return [results[run] for run in runs]
+
+
+def finish(result: dict, key: str, file: Path) -> dict:
+    result["run_key"] = key
+    file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def worker(job_file: str):
+    job = json.loads(Path(job_file).read_text())
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    finish(train_run(job["name"], job["seed"], job["settings"], Path(job["cache"]), log=lambda s: print(s, flush=True)), job["key"], Path(job["file"]))
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def summarise(results: list[dict]) -> dict[str, dict]:
+    """contender -> {seeds, steps, map [per step: list over seeds], map_50, map_75, loss, s/step}."""
+    rows: dict[str, dict] = {}
+    for result in results:
+        row = rows.setdefault(result["contender"], {"seeds": [], "steps": [e["step"] for e in result["evals"]], "map": [],
+                                                    "map_50": [], "map_75": [], "loss": [], "sps": []})  # fmt: skip
+        row["seeds"].append(result["seed"])
+        for metric in ("map", "map_50", "map_75"):
+            row[metric].append([e[metric] for e in result["evals"]])
+        row["loss"].append(result["final_loss"])
+        row["sps"].append(result["seconds_per_step"])
+    return rows
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def final(row: dict, metric: str = "map") -> float:
+    return mean([curve[-1] for curve in row[metric]])
+
+
+def cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"
+
+
+def table(rows: dict[str, dict]) -> str:
+    steps = next(iter(rows.values()))["steps"]
+    header = ["contender", "implementation", "seeds", *[f"mAP @{s}" for s in steps], "final mAP@50", "final mAP@75", "final loss", "s/step"]
+    lines = [header]
+    for name, row in sorted(rows.items(), key=lambda item: -final(item[1])):
+        maps = [cell([curve[i] for curve in row["map"]]) for i in range(len(steps))]
+        implementation = "transformers" if name in TRANSFORMERS_CONTENDERS else "hf_detr"
+        lines.append([name, implementation, ",".join(map(str, row["seeds"])), *maps, cell([c[-1] for c in row["map_50"]]),
+                      cell([c[-1] for c in row["map_75"]]), f"{mean(row['loss']):.3f}", f"{mean(row['sps']):.3f}"])  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines[1:])])
+
+
+def noise(rows: dict[str, dict]) -> float | None:
+    """The largest final-mAP range over seeds of any contender trained with several (None: none was)."""
+    ranges = [max(c[-1] for c in row["map"]) - min(c[-1] for c in row["map"]) for row in rows.values() if len(row["seeds"]) > 1]
+    return max(ranges) if ranges else None
+
+
+def verdicts(rows: dict[str, dict]) -> list[str]:
+    hf = {n: r for n, r in rows.items() if n in HF_CONTENDERS}
+    if not hf:
+        return []
+    best = max(hf, key=lambda n: final(hf[n]))
+    lines = [f"best hf_detr recipe: {best} ({HF_CONTENDERS[best] or 'HfDetrConfig defaults'}), final mAP {final(hf[best]):.4f}"]
+    ratio = lambda a, b: final(rows[a]) / final(rows[b]) if final(rows[b]) > 0 else math.inf  # noqa: E731
+    if "transformers-detr" in rows:
+        r = ratio(best, "transformers-detr")
+        lines.append(f"target: best >= {TARGETS['transformers-detr']:g}x transformers-detr: {r:.2f}x {'met' if r >= TARGETS['transformers-detr'] else 'MISSED'}")
+    others = [n for n in ("transformers-conditional", "transformers-dab") if n in rows]
+    if others:
+        better = max(others, key=lambda n: final(rows[n]))
+        r = ratio(best, better)
+        lines.append(f"target: best >= {TARGETS['conditional-or-dab']:g}x the better of Conditional / DAB ({better}): "
+                     f"{r:.2f}x {'met' if r >= TARGETS['conditional-or-dab'] else 'MISSED'}")  # fmt: skip
+    spread = noise(rows)
+    for theirs, ours in COUNTERPARTS.items():
+        if theirs in rows and ours in rows:
+            diff = final(rows[ours]) - final(rows[theirs])
+            status = "above" if diff > 0 else "unknown noise" if spread is None else "within noise" if -diff <= spread else "BELOW"
+            lines.append(f"same recipe: {ours} {final(rows[ours]):.4f} vs {theirs} {final(rows[theirs]):.4f}: {diff:+.4f} ({status})")
+    if spread is not None:
+        lines.append(f"noise: the largest range of final mAP over seeds of one contender: {spread:.4f}")
+    return lines
+
+
+def plot(rows: dict[str, dict], path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.8), dpi=100)
+    for name, row in sorted(rows.items(), key=lambda item: -final(item[1])):
+        curves = list(zip(*row["map"]))
+        line, = axis.plot(row["steps"], [mean(v) for v in curves], marker="o", markersize=3, label=f"{name} ({len(row['seeds'])} seeds)" if len(row["seeds"]) > 1 else name,
+                          linestyle="--" if name in TRANSFORMERS_CONTENDERS else "-")  # fmt: skip
+        if len(row["seeds"]) > 1:
+            axis.fill_between(row["steps"], [min(v) for v in curves], [max(v) for v in curves], color=line.get_color(), alpha=0.15)
+    axis.set_xlabel("training steps")
+    axis.set_ylabel("COCO mAP (val)")
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def machine_line(threads: int, jobs: int) -> str:
+    import transformers
+
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3
+    return (f"machine: {cpu}, {os.cpu_count()} logical CPUs; load average {' '.join(load)}\n"
+            f"torch {torch.__version__}, transformers {transformers.__version__}, hf_detr {hf_detr.__version__}, "
+            f"Python {platform.python_version()}; {jobs} run(s) at a time, {threads} thread(s) each")  # fmt: skip
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}")
+    parser.add_argument("--budget_steps", type=int, default=1500, help="training steps of every run")
+    parser.add_argument("--num_evals", type=int, default=5, help="COCO evaluations, evenly spaced over the budget")
+    parser.add_argument("--seed", type=int, default=0, help="the first seed (model init, data order, augmentation)")
+    parser.add_argument("--spread_seeds", type=int, default=2, help="seeds for the top contenders (seed, seed + 1, ...)")
+    parser.add_argument("--spread_top", type=int, default=1, help="top hf_detr contenders (and the top transformers one) given --spread_seeds")
+    parser.add_argument("--dataset_name", default=None, help="a local COCO folder or Hub dataset; default: the built-in synthetic data")
+    parser.add_argument("--train_split", default=None)
+    parser.add_argument("--eval_split", default=None)
+    parser.add_argument("--image_size", type=int, default=None, help="default: the built-in run's (128)")
+    parser.add_argument("--batch_size", type=int, default=None, help="default: the built-in run's (16)")
+    parser.add_argument("--learning_rate", type=float, default=None, help="default: the built-in run's (5e-4, backbone too)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (subprocesses); <= 1: one after the other in this process")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: CPUs / jobs)")
+    parser.add_argument("--output_dir", default="outputs/convergence", help="per-run results, results.json, convergence.png")
+    parser.add_argument("--resume", action="store_true", help="reuse finished runs in --output_dir with the same settings")
+    parser.add_argument("--quick", action="store_true", help="tiny model, data and budget: checks every contender runs")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(CONTENDERS))
+    if unknown:
+        parser.error(f"unknown contenders {unknown}; known: {', '.join(CONTENDERS)}")
+    jobs = 1 if args.quick else args.jobs
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
+    if jobs <= 1:
+        torch.set_num_threads(threads)
+    settings = resolve_settings(args)
+    output_dir = Path(args.output_dir) if not args.quick or args.output_dir != "outputs/convergence" else Path(tempfile.mkdtemp())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    print(machine_line(threads, jobs), flush=True)
+    print(f"budget {settings['budget_steps']} steps, batch {settings['batch_size']} at {settings['image_size']} px, "
+          f"lr {settings['learning_rate']:g} (backbone {settings['backbone_learning_rate']:g}), 10x drop after "
+          f"{settings['lr_drop_fraction']:.3g} of the budget; evaluations at steps {eval_steps(settings)}", flush=True)  # fmt: skip
+
+    results = run_all([(n, args.seed) for n in names], settings, output_dir, jobs, threads, args.resume)
+    rows = summarise(results)
+    if args.spread_seeds > 1:
+        hf = sorted((n for n in rows if n in HF_CONTENDERS), key=lambda n: -final(rows[n]))[: args.spread_top]
+        theirs = sorted((n for n in rows if n in TRANSFORMERS_CONTENDERS), key=lambda n: -final(rows[n]))[:1]
+        extra = [(n, args.seed + i) for i in range(1, args.spread_seeds) for n in hf + theirs]
+        print(f"more seeds for the top contenders: {', '.join(hf + theirs)}", flush=True)
+        results += run_all(extra, settings, output_dir, jobs, threads, args.resume)
+        rows = summarise(results)
+    wall = time.perf_counter() - started
+
+    title = (f"{settings['dataset_name'] or 'built-in synthetic data'}: batch {settings['batch_size']} at "
+             f"{settings['image_size']} px, {settings['budget_steps']} steps, seed {args.seed}")  # fmt: skip
+    report = "\n".join([f"COCO mAP at an equal budget ({title})", "", table(rows), "", *verdicts(rows),
+                        f"total {wall:.0f} s ({wall / 60:.1f} min)"])  # fmt: skip
+    print("\n" + report, flush=True)
+    (output_dir / "results.json").write_text(json.dumps({"settings": settings, "results": results, "wall_seconds": wall}, indent=1))
+    (output_dir / "table.md").write_text(report + "\n")
+    plot(rows, output_dir / "convergence.png", title)
+    print(f"wrote {output_dir / 'results.json'}, {output_dir / 'table.md'}, {output_dir / 'convergence.png'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
