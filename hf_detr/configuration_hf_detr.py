@@ -172,17 +172,6 @@ class HfDetrConfig(PreTrainedConfig):
             config_dict.update(relabel)
         return super().from_dict(config_dict, **kwargs)
 
-    @property
-    def _attn_implementation(self):
-        return self._attn_implementation_internal
-
-    @_attn_implementation.setter
-    def _attn_implementation(self, value):
-        # The attention implementation ("sdpa", "eager", ...) is the transformer's: the backbone, a CNN without
-        # attention, keeps its own (given a plain string, transformers would pass it on to the backbone's config,
-        # and its ResNet refuses "sdpa").
-        PreTrainedConfig._attn_implementation.fset(self, {"": value} if isinstance(value, str) else value)
-
     def to_diff_dict(self) -> dict:
         # PreTrainedConfig leaves out an id2label equal to its own default (2 labels); loading such a
         # config.json would then give this config's default of 91, so the label maps are always written.

@@ -16,6 +16,7 @@ This file is part of the model surface: it is copied next to config.json on save
 torch, transformers and its siblings (single-dot relative imports).
 """
 
+import contextlib
 import math
 import tempfile
 from dataclasses import dataclass
@@ -167,6 +168,21 @@ def freeze_batch_norm(module: nn.Module) -> None:
             freeze_batch_norm(child)
 
 
+@contextlib.contextmanager
+def no_attention_choice(backbone_config):
+    """The config's attention implementation ("sdpa", "eager") names the transformer's; a PreTrainedConfig hands it
+    on to its sub-configs, and transformers' CNN backbones, which have no attention, refuse "sdpa". They are built
+    with none chosen (their own default); the backbone config keeps the value it was given."""
+    saved = getattr(backbone_config, "_attn_implementation_internal", None)
+    if backbone_config is not None:
+        backbone_config._attn_implementation_internal = None
+    try:
+        yield
+    finally:
+        if backbone_config is not None:
+            backbone_config._attn_implementation_internal = saved
+
+
 class HfDetrBackbone(nn.Module):
     """transformers' AutoBackbone (ResNet-50 last stage by default), or a timm `features_only` model
     (`use_timm_backbone`, through transformers' TimmBackbone), with frozen batch norm.
@@ -180,6 +196,14 @@ class HfDetrBackbone(nn.Module):
     def __init__(self, config: HfDetrConfig):
         super().__init__()
         self.timm = config.use_timm_backbone
+        with no_attention_choice(config.backbone_config):
+            is_early = self._build(config)
+        for name, parameter in self.model.named_parameters():
+            if not config.train_backbone or is_early(name):
+                parameter.requires_grad_(False)
+
+    def _build(self, config: HfDetrConfig):
+        """Builds self.model; -> whether a parameter name is in the stem or the frozen first stages."""
         if self.timm:
             kwargs = {k: v for k, v in (config.backbone_kwargs or {}).items() if k not in ("out_indices", "output_stride")}
             backbone = AutoBackbone.from_config(config.backbone_config, pretrained=config.use_pretrained_backbone, **kwargs)
@@ -187,7 +211,7 @@ class HfDetrBackbone(nn.Module):
                 backbone.freeze_batch_norm_2d()  # timm's own, for its BatchNorm2d and BatchNormAct2d
             self.model = backbone._backbone  # timm's module: its parameters keep timm's names (as DETR's published weights)
             self.num_channels = self.model.feature_info.channels()[-1]
-            is_early = self._timm_early_parameters(config.freeze_backbone_stages).__contains__
+            return self._timm_early_parameters(config.freeze_backbone_stages).__contains__
         else:
             if config.use_pretrained_backbone:
                 self.model = AutoBackbone.from_pretrained(config.backbone_checkpoint, out_features=config.backbone_config.out_features)
@@ -199,10 +223,7 @@ class HfDetrBackbone(nn.Module):
             self.num_channels = self.model.channels[-1]
             prefixes = ("embedder.",) + tuple(f"encoder.stages.{i}." for i in range(config.freeze_backbone_stages))
             resnet = config.backbone_config.model_type == "resnet"
-            is_early = lambda name: resnet and config.freeze_backbone_stages > 0 and name.startswith(prefixes)  # noqa: E731
-        for name, parameter in self.model.named_parameters():
-            if not config.train_backbone or is_early(name):
-                parameter.requires_grad_(False)
+            return lambda name: resnet and config.freeze_backbone_stages > 0 and name.startswith(prefixes)
 
     def _timm_early_parameters(self, stages: int) -> set[str]:
         """The timm model's parameters up to the end of its `stages`-th stage, a stage being a feature level

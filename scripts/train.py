@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -245,6 +246,11 @@ def load_config(name: str, args) -> hf_detr.HfDetrConfig:
     if not isinstance(config, hf_detr.HfDetrConfig) and type(config).__name__ != "HfDetrConfig":
         raise ValueError(f"--config_name {name}: a {config.model_type!r} config, not hf_detr's or a transformers DETR's")
     return config
+
+
+def step_seed(seed: int, step: int, micro_step: int, process: int) -> int:
+    """A seed for torch's global generator that depends only on the run's seed and where the run is."""
+    return int(np.random.SeedSequence([seed, step, micro_step, process]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def build_model(args, categories):
@@ -597,6 +603,7 @@ def train(args):
     progress = tqdm(total=args.max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
     last_losses = {}
     guard = NonFiniteStepGuard(accelerator, model, args.max_consecutive_nonfinite_steps, skipped=skipped_steps)
+    micro_step = 0  # batches into the current optimizer step (gradient accumulation); resumes start at 0
     for epoch in range(start_epoch, num_epochs):
         model.train()
         loader.set_epoch(epoch)  # the shuffling order
@@ -605,6 +612,11 @@ def train(args):
         for batch in epoch_loader:
             if batch is None:  # every image of this batch was unreadable (warned and counted by the dataset)
                 continue
+            # Dropout and the denoising queries' noise draw from torch's global generator: seeded here from the run's
+            # seed, the step and the process, so a resumed run draws exactly what an uninterrupted one does, whatever
+            # else drew random numbers in between (data-loader workers, evaluation, checkpointing).
+            torch.manual_seed(step_seed(args.seed, completed_steps, micro_step, accelerator.process_index))
+            micro_step += 1
             with accelerator.accumulate(model):
                 outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
                 accelerator.backward(outputs.loss)
@@ -620,6 +632,7 @@ def train(args):
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
+            micro_step = 0
             completed_steps += 1
             progress.update(1)
             if guard.ok:

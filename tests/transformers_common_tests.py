@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import transformers
+from filelock import FileLock
 
 FILES = ("test_modeling_common.py", "test_configuration_common.py")
 PACKAGE = "transformers_tests"
@@ -78,8 +79,10 @@ def fetch(root: Path) -> None:
 def load():
     """-> (test_modeling_common, test_configuration_common) of the installed transformers version."""
     root = cache_root()
-    if not (root / "complete").is_file():
-        fetch(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):  # pytest-xdist's workers collect this module at the same time
+        if not (root / "complete").is_file():
+            fetch(root)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     return tuple(importlib.import_module(f"{PACKAGE}.{name[:-3]}") for name in FILES)
