@@ -40,6 +40,9 @@ $(TIMM_VENV)/.installed: pyproject.toml Makefile
 train: install
 	$(BIN)/accelerate launch scripts/train.py $(ARGS)
 
+# The suite runs in TEST_WORKERS pytest-xdist processes (one per CPU by default), each with one torch thread:
+# on tiny models two single-threaded workers finish sooner than one two-threaded process.
+TEST_WORKERS ?= auto
 test: install install-timm
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
-	$(TIMM_BIN)/python -m pytest -q $(PYTEST_ARGS) $(TIMM_TESTS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS) tests
+	OMP_NUM_THREADS=1 $(TIMM_BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS) $(TIMM_TESTS)
