@@ -1,6 +1,7 @@
 """Shared tiny configs and inputs: everything here runs in seconds on 2 CPU cores."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +66,16 @@ def inputs():
     pixel_mask[1, 40:] = 0
     pixel_mask[1, :, 64:] = 0
     return {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_train_script():
+    """scripts/train.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_detr_train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

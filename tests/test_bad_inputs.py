@@ -34,7 +34,7 @@ import pytest
 import torch
 
 import hf_detr
-from conftest import random_labels, tiny_config
+from conftest import load_train_script, random_labels, tiny_config
 from hf_detr.data import DETECTION_FEATURES, CategoryMap, DetectionDataset, load_coco_folder, make_synthetic_coco
 from hf_detr.evaluation import evaluate_model
 from hf_detr.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_transform
@@ -444,15 +444,6 @@ def test_truncated_safetensors_is_refused(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(SafetensorError, match="incomplete metadata, file not fully covered"):
         hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path)
-
-
-def load_train_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("hf_detr_train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_checkpoint_left_half_written_by_a_kill_is_not_resumed_from(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hf_detr
-from conftest import tiny_config
+from conftest import load_train_script, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = [
@@ -220,15 +220,6 @@ def test_hub_schema_dataset_with_a_training_split_only(tmp_path, tiny_checkpoint
 
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.base_model == "facebook/detr-resnet-50" and "## Framework versions" in card.text
-
-
-def load_train_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("hf_detr_train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cpu_is_forced_only_where_accelerate_finds_no_accelerator(monkeypatch):
