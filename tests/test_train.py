@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,20 @@ TINY_RUN = [
 ]  # fmt: skip
 
 
+def free_port() -> int:
+    """A port no other test's process group is using (pytest-xdist runs tests side by side)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(tmp_path, *args, num_processes=1):
     env = {**os.environ, "HF_DETR_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # accelerate 1.x's `--cpu` always starts a single process; several CPU processes come from its
     # torchrun launcher (`--multi_gpu`), which train.py joins into one gloo group when there is no GPU.
-    mode = "--cpu" if num_processes == 1 else "--multi_gpu"
+    mode = ["--cpu"] if num_processes == 1 else ["--multi_gpu", "--main_process_port", str(free_port())]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", str(num_processes),
+        sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(num_processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(ROOT / "scripts" / "train.py"), *args,
     ]  # fmt: skip
