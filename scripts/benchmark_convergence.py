@@ -206,12 +206,14 @@ def train_run(name: str, seed: int, settings: dict, cache: Path, log=print) -> d
     dataset = detr_data.DetectionDataset(train_data, categories, transform, seed=seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings["batch_size"], shuffle=True, drop_last=True,
                                          collate_fn=detr_data.collate_fn, generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("model.backbone.")]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("model.backbone.")]
-    optimizer = torch.optim.AdamW([{"params": rest, "lr": settings["learning_rate"]}, {"params": backbone, "lr": settings["backbone_learning_rate"]}],
-                                  weight_decay=settings["weight_decay"])  # fmt: skip
     budget = settings["budget_steps"]
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, int(budget * settings["lr_drop_fraction"])), gamma=0.1)
+    # train.py's own optimizer (AdamW, the backbone's rate apart) and DETR's one 10x drop, for every contender
+    recipe = train_script.parse_args([])  # its defaults: AdamW's betas and epsilon, the "step" schedule, no warm-up
+    recipe.lr_scheduler_type, recipe.num_warmup_steps, recipe.max_train_steps = "step", 0, budget
+    for field in ("learning_rate", "backbone_learning_rate", "weight_decay", "lr_drop_fraction"):
+        setattr(recipe, field, settings[field])
+    optimizer = train_script.build_optimizer(model, recipe)
+    scheduler = train_script.build_scheduler(optimizer, recipe, num_processes=1)
     evals, points, losses, skipped, train_time, step = [], eval_steps(settings), [], 0, 0.0, 0
     for epoch in range(math.ceil(budget / max(1, len(loader)))):
         dataset.set_epoch(epoch)
