@@ -1,15 +1,15 @@
 """Convergence at an equal budget: hf_detr's DETR variants against transformers' DETR family.
 
-    python scripts/benchmark_convergence.py                      # every contender, 1500 steps, built-in data
+    python scripts/benchmark_convergence.py                      # every contender, 500 steps, built-in data
     python scripts/benchmark_convergence.py --contenders detr,best,transformers-detr --seed 1
     python scripts/benchmark_convergence.py --quick              # tiny sizes: checks every contender runs (seconds)
     python scripts/benchmark_convergence.py --dataset_name /data/coco --budget_steps 20000
 
 Method. Every contender trains through one loop (`train_run`) on the same data, in the same order for
 a given seed, with the same augmentation, image size, batch, optimiser (AdamW, one learning rate for the
-backbone and one for the rest, weight decay, gradient clipping), LR schedule (one 10x drop after a
-fraction of the budget) and number of steps: the built-in run's recipe (`scripts/train.py`'s synthetic
-defaults, its `SMALL_MODEL` sizes). Every model has the same backbone (a ResNet trained from scratch with
+backbone and one for the rest, weight decay, gradient clipping), LR schedule (stretched over the budget)
+and number of steps: the built-in run's recipe (`scripts/train.py`'s synthetic defaults, its
+`SMALL_MODEL` sizes). Every model has the same backbone (a ResNet trained from scratch with
 live batch norm), width, layer counts and number of queries. hf_detr contenders are `HfDetrConfig` values
 (`HF_CONTENDERS`); transformers' `DetrForObjectDetection`, `ConditionalDetrForObjectDetection` and
 `DabDetrForObjectDetection` are built at the same sizes with their own losses, matchers and defaults
@@ -99,7 +99,8 @@ def resolve_settings(args) -> dict:
         augmentation=defaults.augmentation, batch_size=args.batch_size or defaults.per_device_train_batch_size,
         eval_batch_size=defaults.per_device_eval_batch_size, learning_rate=args.learning_rate or defaults.learning_rate,
         backbone_learning_rate=args.learning_rate or defaults.backbone_learning_rate, weight_decay=defaults.weight_decay,
-        max_grad_norm=defaults.max_grad_norm, lr_drop_fraction=defaults.lr_drop_fraction, budget_steps=args.budget_steps,
+        max_grad_norm=defaults.max_grad_norm, lr_scheduler_type=defaults.lr_scheduler_type,
+        num_warmup_steps=defaults.num_warmup_steps, lr_drop_fraction=defaults.lr_drop_fraction, budget_steps=args.budget_steps,
         num_evals=args.num_evals, synthetic_train_images=defaults.synthetic_train_images,
         synthetic_val_images=defaults.synthetic_val_images, synthetic_image_size=128, model=sizes,
     )  # fmt: skip
@@ -207,10 +208,10 @@ def train_run(name: str, seed: int, settings: dict, cache: Path, log=print) -> d
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings["batch_size"], shuffle=True, drop_last=True,
                                          collate_fn=detr_data.collate_fn, generator=torch.Generator().manual_seed(seed))  # fmt: skip
     budget = settings["budget_steps"]
-    # train.py's own optimizer (AdamW, the backbone's rate apart) and DETR's one 10x drop, for every contender
-    recipe = train_script.parse_args([])  # its defaults: AdamW's betas and epsilon, the "step" schedule, no warm-up
-    recipe.lr_scheduler_type, recipe.num_warmup_steps, recipe.max_train_steps = "step", 0, budget
-    for field in ("learning_rate", "backbone_learning_rate", "weight_decay", "lr_drop_fraction"):
+    # train.py's own optimizer (AdamW, the backbone's rate apart) and the built-in run's schedule, for every contender
+    recipe = train_script.parse_args([])  # its defaults: AdamW's betas and epsilon
+    recipe.max_train_steps = budget
+    for field in ("learning_rate", "backbone_learning_rate", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "lr_drop_fraction"):
         setattr(recipe, field, settings[field])
     optimizer = train_script.build_optimizer(model, recipe)
     scheduler = train_script.build_scheduler(optimizer, recipe, num_processes=1)
@@ -411,6 +412,14 @@ def plot(rows: dict[str, dict], path: Path, title: str):
     plt.close(figure)
 
 
+def schedule(settings: dict) -> str:
+    """The learning-rate schedule in words."""
+    warmup = f" after {settings['num_warmup_steps']} warm-up steps" if settings["num_warmup_steps"] else ""
+    if settings["lr_scheduler_type"] == "step":
+        return f"10x drop after {settings['lr_drop_fraction']:.3g} of the budget{warmup}"
+    return f"{settings['lr_scheduler_type']} schedule{warmup}"
+
+
 def machine_line(threads: int, jobs: int) -> str:
     import transformers
 
@@ -426,8 +435,9 @@ def machine_line(threads: int, jobs: int) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}")
-    parser.add_argument("--budget_steps", type=int, default=1500, help="training steps of every run")
-    parser.add_argument("--num_evals", type=int, default=5, help="COCO evaluations, evenly spaced over the budget")
+    parser.add_argument("--budget_steps", type=int, default=500,
+                        help="training steps of every run (default: every contender and the seed spread in under an hour on 2 CPU cores; the built-in run trains 1500)")
+    parser.add_argument("--num_evals", type=int, default=4, help="COCO evaluations, evenly spaced over the budget")
     parser.add_argument("--seed", type=int, default=0, help="the first seed (model init, data order, augmentation)")
     parser.add_argument("--spread_seeds", type=int, default=2, help="seeds for the top contenders (seed, seed + 1, ...)")
     parser.add_argument("--spread_top", type=int, default=1, help="top hf_detr contenders (and the top transformers one) given --spread_seeds")
@@ -460,8 +470,8 @@ def main(argv=None):
     started = time.perf_counter()
     print(machine_line(threads, jobs), flush=True)
     print(f"budget {settings['budget_steps']} steps, batch {settings['batch_size']} at {settings['image_size']} px, "
-          f"lr {settings['learning_rate']:g} (backbone {settings['backbone_learning_rate']:g}), 10x drop after "
-          f"{settings['lr_drop_fraction']:.3g} of the budget; evaluations at steps {eval_steps(settings)}", flush=True)  # fmt: skip
+          f"lr {settings['learning_rate']:g} (backbone {settings['backbone_learning_rate']:g}), {schedule(settings)}; "
+          f"evaluations at steps {eval_steps(settings)}", flush=True)  # fmt: skip
 
     results = run_all([(n, args.seed) for n in names], settings, output_dir, jobs, threads, args.resume)
     rows = summarise(results)
