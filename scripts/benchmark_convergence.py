@@ -237,7 +237,7 @@ def train_run(name: str, seed: int, settings: dict, cache: Path, log=print) -> d
             step += 1
             if step in points:
                 train_time += time.perf_counter() - start
-                metrics = evaluate_model(model, processor, val_data, categories, batch_size=settings["eval_batch_size"])
+                metrics = evaluate_model(model, processor, val_data, categories, batch_size=settings["eval_batch_size"], progress=False)
                 evals.append({"step": step, **{k: metrics[k] for k in ("map", "map_50", "map_75")}})
                 log(f"  {name} seed {seed} step {step}: map {metrics['map']:.4f}, map_50 {metrics['map_50']:.4f}, "
                     f"loss {sum(losses[-50:]) / max(1, len(losses[-50:])):.3f}, {train_time / step:.3f} s/step")  # fmt: skip
@@ -396,10 +396,11 @@ def plot(rows: dict[str, dict], path: Path, title: str):
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 4.8), dpi=100)
-    for name, row in sorted(rows.items(), key=lambda item: -final(item[1])):
+    colours = plt.get_cmap("tab20").colors  # one colour per contender: the default cycle has 10
+    for i, (name, row) in enumerate(sorted(rows.items(), key=lambda item: -final(item[1]))):
         curves = list(zip(*row["map"]))
         line, = axis.plot(row["steps"], [mean(v) for v in curves], marker="o", markersize=3, label=f"{name} ({len(row['seeds'])} seeds)" if len(row["seeds"]) > 1 else name,
-                          linestyle="--" if name in TRANSFORMERS_CONTENDERS else "-")  # fmt: skip
+                          linestyle="--" if name in TRANSFORMERS_CONTENDERS else "-", color=colours[i % len(colours)])  # fmt: skip
         if len(row["seeds"]) > 1:
             axis.fill_between(row["steps"], [min(v) for v in curves], [max(v) for v in curves], color=line.get_color(), alpha=0.15)
     axis.set_xlabel("training steps")
