@@ -37,8 +37,12 @@ $(TIMM_VENV)/.installed: pyproject.toml Makefile
 	$(TIMM_BIN)/python -m pip install -q -e ".[train,dev,timm]"
 	touch $@
 
+# accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise (or given --cpu): the built-in run would use
+# one core. TRAIN_THREADS: torch threads of the training process, default $$OMP_NUM_THREADS or every CPU.
+TRAIN_THREADS ?= $(or $(OMP_NUM_THREADS),$(shell nproc 2>/dev/null || echo 1))
+
 train: install
-	$(BIN)/accelerate launch scripts/train.py $(ARGS)
+	$(BIN)/accelerate launch --num_cpu_threads_per_process $(TRAIN_THREADS) scripts/train.py $(ARGS)
 
 # The suite runs in TEST_WORKERS pytest-xdist processes (one per CPU by default), each with one torch thread:
 # on tiny models two single-threaded workers finish sooner than one two-threaded process.
