@@ -234,14 +234,16 @@ def test_cpu_is_forced_only_where_accelerate_finds_no_accelerator(monkeypatch):
     """Accelerator(cpu=...) overrides the device accelerate would pick (and `accelerate config`): only where
     accelerate itself finds no accelerator (this machine) is the CPU forced, e.g. an XPU, NPU, HPU or TPU
     host gets its device."""
-    import accelerate.state
+    from accelerate import PartialState
 
     train_script = load_train_script()
     assert train_script.use_cpu()  # CI: no accelerator
-    for check in ("is_xpu_available", "is_hpu_available", "is_mps_available"):  # device types this torch knows
+    # accelerate's own detection (PartialState.default_device) is what counts; how it finds a device differs
+    # between its versions (per-device checks in 1.x before 1.16, torch.accelerator since), so it is replaced whole
+    for device_type in ("xpu", "hpu", "mps", "cuda"):  # the device types this torch knows
         with monkeypatch.context() as patch:
-            patch.setattr(accelerate.state, check, lambda *args, **kwargs: True)
-            assert not train_script.use_cpu(), check
+            patch.setattr(PartialState, "default_device", property(lambda self, device_type=device_type: torch.device(device_type)))
+            assert not train_script.use_cpu(), device_type
     with monkeypatch.context() as patch:
         patch.setattr(train_script, "is_torch_xla_available", lambda *args, **kwargs: True)
         assert not train_script.use_cpu()
