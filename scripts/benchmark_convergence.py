@@ -67,7 +67,8 @@ HF_CONTENDERS = {
     "dab-detr": {**DAB, **FOCAL},  # transformers' DabDetrConfig recipe
     "anchor-focal-groups": dict(query_type="anchor", num_query_groups=6, **FOCAL),
     "anchor-focal-denoising": dict(query_type="anchor", num_denoising_queries=40, **FOCAL),
-    "best": dict(query_type="anchor", num_query_groups=6, num_denoising_queries=40, **FOCAL),
+    # all of the above, the focal loss weighted 2 (Deformable DETR's weight) and matched with class cost 3
+    "best": dict(query_type="anchor", num_query_groups=6, num_denoising_queries=40, class_loss="focal", class_cost=3.0, ce_loss_coefficient=2.0),
 }
 DEFAULT_RECIPE = "best"  # the contender whose values scripts/train.py's built-in run uses (tested)
 TRANSFORMERS_CONTENDERS = ("transformers-detr", "transformers-conditional", "transformers-dab")

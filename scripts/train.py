@@ -45,8 +45,10 @@ SMALL_MODEL = dict(
     d_model=128, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
     encoder_ffn_dim=256, decoder_ffn_dim=256, num_queries=10, dropout=0.0,
     # the recipe that converged fastest in scripts/benchmark_convergence.py (BENCHMARKS.md): DAB-DETR's anchor
-    # queries, the focal class loss (matching cost 2), Group DETR's query groups, DN-DETR's denoising queries
-    query_type="anchor", class_loss="focal", class_cost=2.0, num_query_groups=6, num_denoising_queries=40,
+    # queries, the focal class loss weighted 2 as in Deformable DETR (matching cost 3), Group DETR's query
+    # groups, DN-DETR's denoising queries
+    query_type="anchor", class_loss="focal", class_cost=3.0, ce_loss_coefficient=2.0, num_query_groups=6,
+    num_denoising_queries=40,
 )  # fmt: skip
 
 
@@ -102,7 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--lr_scheduler_type", choices=LR_SCHEDULERS, default="step",
                    help="step: DETR's 10x drop after --lr_drop_fraction of the steps; the others: transformers' get_scheduler")  # fmt: skip
     p.add_argument("--num_warmup_steps", type=int, default=0, help="linear warm-up steps of the learning rate")
-    p.add_argument("--lr_drop_fraction", type=float, default=2 / 3, help="step: the LR drops 10x after this fraction of the steps")
+    p.add_argument("--lr_drop_fraction", type=float, default=None,
+                   help="step: the LR drops 10x after this fraction of the steps (default: DETR's 2/3; the built-in run 0.8)")  # fmt: skip
     p.add_argument("--dataloader_num_workers", "--num_workers", type=int, default=None,
                    help="DataLoader workers per process, for training and evaluation (default: from the CPUs, 1-4)")  # fmt: skip
     # checkpoints and evaluation
@@ -156,11 +159,11 @@ def apply_defaults(args):
     synthetic = args.dataset_name is None
     defaults = (
         dict(image_size=128, max_size=128, augmentation="flip", num_train_epochs=6, per_device_train_batch_size=16,
-             per_device_eval_batch_size=32, learning_rate=5e-4, backbone_learning_rate=5e-4,
+             per_device_eval_batch_size=32, learning_rate=5e-4, backbone_learning_rate=5e-4, lr_drop_fraction=0.8,
              synthetic_train_images=4000, synthetic_val_images=200)
         if synthetic
         else dict(image_size=800, max_size=1333, augmentation="detr", num_train_epochs=300, per_device_train_batch_size=4,
-                  per_device_eval_batch_size=4, learning_rate=1e-4, backbone_learning_rate=1e-5)
+                  per_device_eval_batch_size=4, learning_rate=1e-4, backbone_learning_rate=1e-5, lr_drop_fraction=2 / 3)
     )  # fmt: skip
     defaults |= dict(eval_strategy="no" if synthetic else "epoch", dataloader_num_workers=detr_data.default_num_workers())
     for name, value in defaults.items():

@@ -112,7 +112,7 @@ def test_two_processes_count_their_steps_after_sharding_and_resume_mid_epoch(tmp
     """2 processes, 12 images, batch 4, 2 epochs and no --max_train_steps: each process gets 2 batches per epoch
     (accelerate fills the last one), so 2 * ceil(12 / (4 * 2)) = 4 steps; counted before sharding, the run did
     1 step per epoch (and with --max_train_steps the LR drop came twice as early). The LR drops after step
-    int(4 * 2/3) = 2, the final evaluation runs, and a run resumed from step 3 (mid epoch 1) repeats step 4."""
+    int(4 * 0.8) = 3 (the built-in run's drop fraction), the final evaluation runs, and a run resumed from step 3 (mid epoch 1) repeats step 4."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run = [*TINY_RUN, "--synthetic_train_images", "12", "--num_train_epochs", "2"]
     result = launch(tmp_path, *run, "--checkpointing_steps", "3", "--output_dir", str(full), num_processes=2)
@@ -121,8 +121,8 @@ def test_two_processes_count_their_steps_after_sharding_and_resume_mid_epoch(tmp
     assert "12 training images, 2 steps per epoch on each of 2 process(es) (batch 4 each), 4 steps in 2 epochs" in output
     check_output_dir(full, 4)
     log = read_log(full)
-    assert [log[step]["lr"] for step in (1, 2, 3, 4)] == pytest.approx([5e-4, 5e-4, 5e-5, 5e-5])
-    assert "the learning rate drops 10x after step 2" in output
+    assert [log[step]["lr"] for step in (1, 2, 3, 4)] == pytest.approx([5e-4, 5e-4, 5e-4, 5e-5])
+    assert "the learning rate drops 10x after step 3" in output
     resumed.mkdir()
     shutil.copytree(full / "step_3", resumed / "step_3")
     result = launch(tmp_path, *run, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", num_processes=2)
