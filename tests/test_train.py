@@ -249,6 +249,14 @@ def test_cpu_is_forced_only_where_accelerate_finds_no_accelerator(monkeypatch):
         assert not train_script.use_cpu()
 
 
+def test_the_lr_drop_defaults_to_detrs_with_a_dataset_and_to_the_built_in_runs_without():
+    train_script = load_train_script()
+    fraction = lambda *argv: train_script.apply_defaults(train_script.parse_args(list(argv))).lr_drop_fraction  # noqa: E731
+    assert fraction("--dataset_name", "/data/coco") == pytest.approx(2 / 3)  # DETR: 200 of 300 epochs
+    assert fraction() == 0.8  # the built-in run's recipe (BENCHMARKS.md)
+    assert fraction("--lr_drop_fraction", "0.5") == fraction("--dataset_name", "/data/coco", "--lr_drop_fraction", "0.5") == 0.5
+
+
 def test_help_lists_the_example_scripts_argument_names():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
