@@ -11,10 +11,12 @@ from .configuration_hf_detr import HfDetrConfig
 from .convert import convert_transformers_detr
 from .explain import Explanation, explain
 from .image_processing import HfDetrImageProcessor, image_processor_for
+from .layers import CROSS_ATTENTION, ENCODER_ATTENTION
 from .loss import CLASS_LOSSES, SetCriterion
 from .matching import MATCHERS, HungarianMatcher
 from .modeling_hf_detr import HfDetrForObjectDetection, HfDetrModel, HfDetrPreTrainedModel
-from .queries import QUERY_BUILDERS, AnchorQueries, ConditionalQueries, DetrQueries, QueryBuilder
+from .targets import Targets
+from .queries import QUERY_BUILDERS, AnchorQueries, ConditionalQueries, DeformableQueries, DetrQueries, QueryBuilder
 
 AutoConfig.register(HfDetrConfig.model_type, HfDetrConfig, exist_ok=True)
 AutoModel.register(HfDetrConfig, HfDetrModel, exist_ok=True)
@@ -35,8 +37,12 @@ __all__ = [
     "DetrQueries",
     "ConditionalQueries",
     "AnchorQueries",
+    "DeformableQueries",
     "QUERY_BUILDERS",
     "CLASS_LOSSES",
+    "ENCODER_ATTENTION",
+    "CROSS_ATTENTION",
+    "Targets",
     "MATCHERS",
     "convert_transformers_detr",
     "explain",

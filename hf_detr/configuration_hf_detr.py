@@ -21,10 +21,14 @@ logger = logging.get_logger(__name__)
 
 
 # The variants, each the keys of the dict in the file that builds it (tested): queries.QUERY_BUILDERS,
-# loss.CLASS_LOSSES, matching.MATCHERS.
-QueryType = Literal["detr", "conditional", "anchor"]
+# loss.CLASS_LOSSES, matching.MATCHERS, layers.ENCODER_ATTENTION, layers.CROSS_ATTENTION.
+QueryType = Literal["detr", "conditional", "anchor", "deformable"]
 ClassLoss = Literal["softmax", "focal", "iou_aware"]
 MatcherType = Literal["hungarian"]
+EncoderAttention = Literal["dense", "deformable"]
+CrossAttention = Literal["dense", "spatial", "deformable"]
+# each query type's own cross-attention, the paper's, when decoder_cross_attention is not given
+QUERY_TYPE_CROSS_ATTENTION = {"detr": "dense", "conditional": "spatial", "anchor": "spatial", "deformable": "deformable"}
 # A real-valued field also takes an int, stored as a float: transformers' own configs write 1 for 1.0
 # (DetrConfig's `class_cost: int = 1`), and so do their config.json files.
 Float = float | int
@@ -61,7 +65,21 @@ class HfDetrConfig(PreTrainedConfig):
     freeze_backbone_batch_norm: bool = True  # DETR's frozen BN; a backbone trained from scratch needs live BN
     num_channels: int = 3  # input image channels
 
+    # --- feature levels -------------------------------------------------------------------------
+    # 1: DETR's one feature map (the backbone's last stage). More (Deformable DETR: 4): the backbone's last
+    # min(levels, 3) stages when backbone_config is not given (else the stages it names), each projected to
+    # d_model with a GroupNorm, then stride-2 3x3 convolutions for the levels beyond, and a learned level embedding
+    num_feature_levels: int = 1
+    position_embedding_offset: Float = 0.0  # sine positions count from 1 - offset: DETR 0, Deformable DETR 0.5
+
     # --- transformer ----------------------------------------------------------------------------
+    # the attention kinds (layers.py): "dense" attends to every position (DETR); "deformable" samples
+    # encoder_n_points / decoder_n_points points per head and level around each query's reference (Deformable
+    # DETR); "spatial" is Conditional DETR's cross-attention. None: the query type's own (QUERY_TYPE_CROSS_ATTENTION)
+    encoder_attention: EncoderAttention = "dense"
+    decoder_cross_attention: CrossAttention | None = None
+    encoder_n_points: int = 4
+    decoder_n_points: int = 4
     d_model: int = 256  # hidden size of encoder, decoder and queries
     encoder_layers: int = 6
     decoder_layers: int = 6
@@ -80,13 +98,17 @@ class HfDetrConfig(PreTrainedConfig):
     # transformers' DETR / Conditional DETR with auxiliary losses: each decoder layer gets the previous
     # one's output through the shared norm (the original DETR norms what goes to the heads only)
     normalize_between_decoder_layers: bool = False
+    decoder_final_norm: bool = True  # a LayerNorm on every decoder layer's output before the heads (DETR); Deformable DETR has none
     is_encoder_decoder: bool = True
 
     # --- queries --------------------------------------------------------------------------------
-    num_queries: int = 100  # detection slots: the most objects one image can have (per group)
+    num_queries: int = 100  # detection slots: the most objects one image can have (per group); two-stage: the proposals kept
     # "detr": zero content + learned positions; "conditional": + 2-D reference points and a spatial
-    # cross-attention query (Conditional DETR); "anchor": learned 4-D anchor boxes refined layer by layer (DAB-DETR)
-    query_type: str = "detr"
+    # cross-attention query (Conditional DETR); "anchor": learned 4-D anchor boxes refined layer by layer (DAB-DETR);
+    # "deformable": learned content + learned positions + 2-D reference points (Deformable DETR)
+    query_type: QueryType = "detr"
+    with_box_refine: bool = False  # one class and box head per decoder layer, each refining the references (Deformable DETR)
+    two_stage: bool = False  # the encoder scores and boxes every memory position; the top num_queries are the queries (Deformable DETR)
     num_query_groups: int = 1  # Group DETR: groups of num_queries in training, each matched one-to-one; group 0 at inference
     num_denoising_queries: int = 0  # DN-DETR ("anchor" only): up to this many noised ground-truth queries per image in training
     denoising_label_noise: Float = 0.2  # probability that a denoising query's class is replaced by a random one
@@ -94,7 +116,7 @@ class HfDetrConfig(PreTrainedConfig):
     look_forward_twice: bool = False  # "anchor": boxes relative to the previous layer's un-detached refinement (DINO)
 
     # --- matcher (Hungarian matching; its class cost follows class_loss) --------------------------
-    matcher_type: str = "hungarian"  # one of MatcherType: a key of matching.MATCHERS
+    matcher_type: MatcherType = "hungarian"  # a key of matching.MATCHERS
     class_cost: Float = 1.0
     bbox_cost: Float = 5.0
     giou_cost: Float = 2.0
@@ -102,7 +124,7 @@ class HfDetrConfig(PreTrainedConfig):
     # --- loss -----------------------------------------------------------------------------------
     # "softmax": cross-entropy over num_labels + 1 classes, the last "no object" (DETR); "focal": a
     # sigmoid focal loss per class (Deformable DETR); "iou_aware": sigmoid, a matched query's target is its IoU
-    class_loss: str = "softmax"
+    class_loss: ClassLoss = "softmax"
     auxiliary_loss: bool = True  # the same loss on every intermediate decoder layer
     ce_loss_coefficient: Float = 1.0
     bbox_loss_coefficient: Float = 5.0
@@ -125,10 +147,23 @@ class HfDetrConfig(PreTrainedConfig):
         for field in dataclasses.fields(self):
             if field.type == Float and type(getattr(self, field.name)) is int:
                 setattr(self, field.name, float(getattr(self, field.name)))
+        if self.decoder_cross_attention is None:
+            self.decoder_cross_attention = QUERY_TYPE_CROSS_ATTENTION.get(self.query_type, "dense")
         if self.use_timm_backbone:
             self.backbone_config = self._timm_backbone_config()
+        elif self.backbone_config is None:  # a ResNet-50's last stage, or its last three for several levels
+            stages = [f"stage{i}" for i in range(5 - min(self.num_feature_levels, 3), 5)] if self.num_feature_levels > 1 else ["stage4"]
+            self.backbone_config = {"model_type": "resnet", "out_features": stages, "num_channels": self.num_channels}
         super().__post_init__(**kwargs)
         self.check_values()
+
+    def backbone_stages(self) -> int:
+        """How many feature maps the backbone gives: the stages its config names."""
+        config = self.backbone_config
+        names = config.get("out_indices") or config.get("out_features") if isinstance(config, dict) else (
+            getattr(config, "out_indices", None) or getattr(config, "out_features", None)
+        )  # fmt: skip
+        return len(names) if names else 1
 
     def _timm_backbone_config(self) -> dict | PreTrainedConfig:
         """transformers' TimmBackboneConfig of `backbone` (the last stage by default), or the given one."""
@@ -139,9 +174,11 @@ class HfDetrConfig(PreTrainedConfig):
         if given is not None:
             raise ValueError(f"HfDetrConfig.use_timm_backbone=True with a {model_type!r} backbone_config: give one or the other")
         kwargs = self.backbone_kwargs or {}
+        # the last stage, or the last three (ResNet: strides 8, 16, 32) for several feature levels
+        stages = list(range(5 - min(self.num_feature_levels, 3), 5)) if self.num_feature_levels > 1 else [-1]
         return {
             "model_type": "timm_backbone", "backbone": self.backbone or "resnet50", "num_channels": self.num_channels,
-            "features_only": True, "out_indices": list(kwargs.get("out_indices", [-1])), "output_stride": kwargs.get("output_stride"),
+            "features_only": True, "out_indices": list(kwargs.get("out_indices", stages)), "output_stride": kwargs.get("output_stride"),
         }  # fmt: skip
 
     @classmethod
@@ -181,6 +218,50 @@ class HfDetrConfig(PreTrainedConfig):
             diff.setdefault(key, full[key])
         return diff
 
+    def _check_levels_and_attention(self):
+        """The feature levels, attention kinds and Deformable DETR's decoder options that work together."""
+        for field in ("num_feature_levels", "encoder_n_points", "decoder_n_points"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"HfDetrConfig.{field} must be >= 1, got {getattr(self, field)}")
+        if self.backbone_stages() > self.num_feature_levels:
+            raise ValueError(
+                f"HfDetrConfig.num_feature_levels ({self.num_feature_levels}) must be at least the number of backbone "
+                f"stages its backbone_config gives ({self.backbone_stages()})"
+            )
+        if not 0.0 <= self.position_embedding_offset < 1.0:
+            raise ValueError(f"HfDetrConfig.position_embedding_offset must be in [0, 1), got {self.position_embedding_offset}")
+        levels = self.num_feature_levels > 1 or "deformable" in (self.encoder_attention, self.decoder_cross_attention)
+        if levels and self.d_model % 32:
+            raise ValueError(
+                f"HfDetrConfig.d_model ({self.d_model}) must be a multiple of 32 for the GroupNorm(32) of several feature "
+                f"levels or deformable attention"
+            )
+        needs = {"spatial": ("conditional", "anchor"), "deformable": ("conditional", "anchor", "deformable")}
+        if self.decoder_cross_attention in needs and self.query_type not in needs[self.decoder_cross_attention]:
+            what = "spatial queries" if self.decoder_cross_attention == "spatial" else "reference points"
+            raise ValueError(
+                f"HfDetrConfig.decoder_cross_attention={self.decoder_cross_attention!r} needs {what}: query_type one of "
+                f"{needs[self.decoder_cross_attention]}, got query_type={self.query_type!r}"
+            )
+        if self.with_box_refine and self.query_type not in ("anchor", "deformable"):
+            raise ValueError(
+                f"HfDetrConfig.with_box_refine needs queries whose references are refined: query_type 'anchor' or "
+                f"'deformable', got {self.query_type!r}"
+            )
+        if self.two_stage:
+            if self.query_type != "deformable" or not self.with_box_refine:
+                raise ValueError(
+                    f"HfDetrConfig.two_stage needs query_type='deformable' and with_box_refine=True (Deformable DETR's "
+                    f"two-stage), got query_type={self.query_type!r}, with_box_refine={self.with_box_refine}"
+                )
+            if self.num_query_groups != 1:
+                raise ValueError(f"HfDetrConfig.two_stage takes one query group, got num_query_groups={self.num_query_groups}")
+        backbone_channels = getattr(self.backbone_config, "num_channels", self.num_channels)
+        if not self.use_timm_backbone and backbone_channels != self.num_channels:
+            raise ValueError(
+                f"HfDetrConfig.num_channels ({self.num_channels}) differs from its backbone_config.num_channels ({backbone_channels})"
+            )
+
     def check_values(self):
         """Reject values the model cannot be built with, naming the field (a plain ValueError:
         `@strict`'s own `validate_*` hooks would wrap it in a StrictDataclassError)."""
@@ -197,6 +278,7 @@ class HfDetrConfig(PreTrainedConfig):
                 f"HfDetrConfig.num_denoising_queries needs query_type='anchor' (denoising queries are noised boxes "
                 f"given as anchor boxes), got query_type={self.query_type!r}"
             )
+        self._check_levels_and_attention()
         if self.look_forward_twice and self.query_type != "anchor":
             raise ValueError(
                 f"HfDetrConfig.look_forward_twice needs query_type='anchor' (the only queries whose boxes are "

@@ -1,4 +1,4 @@
-"""Published DETR weights -> hf_detr: DETR, and transformers' Conditional DETR and DAB-DETR.
+"""Published DETR weights -> hf_detr: DETR, and transformers' Conditional DETR, DAB-DETR and Deformable DETR.
 
 Three DETR key layouts reach us, all mapped by the same table of renames onto our state dict:
 - a live transformers v5 `DetrForObjectDetection` (AutoBackbone ResNet, `mlp.fc1`, `o_proj` ...);
@@ -8,7 +8,10 @@ Three DETR key layouts reach us, all mapped by the same table of renames onto ou
 - the original facebookresearch/detr `.pth` (`backbone.0.body.`, `transformer.`, fused `in_proj_weight`).
 timm and torchvision ResNets share their key names, so both map onto transformers' ResNet.
 transformers' `ConditionalDetrForObjectDetection` and `DabDetrForObjectDetection` (live or saved) map
-onto the "conditional" and "anchor" query types through the same table.
+onto the "conditional" and "anchor" query types through the same table, and its
+`DeformableDetrForObjectDetection` (plain, with box refinement, two-stage; live, or saved by transformers v4 as
+the SenseTime/deformable-detr* checkpoints are) onto the "deformable" query type with deformable attention
+(`_DEFORMABLE_RENAMES`, then `_deformable_layout` for what depends on the config).
 
 `convert_checkpoint` reads any of them from disk or the Hub; scripts/convert_detr_checkpoint.py wraps it.
 """
@@ -22,7 +25,7 @@ import torch
 from transformers import AutoConfig, PreTrainedConfig, ResNetConfig
 
 from .configuration_hf_detr import HfDetrConfig
-from .modeling_hf_detr import HfDetrForObjectDetection
+from .modeling_hf_detr import LEGACY_KEYS, HfDetrForObjectDetection, HfDetrPreTrainedModel
 
 # COCO 2017 category id -> name; ids missing here (12, 26, ...) are unused slots ("N/A"), as in DETR's 91 classes.
 COCO_CATEGORIES = dict(enumerate([
@@ -38,6 +41,21 @@ COCO_CATEGORIES = dict(enumerate([
 ]))  # fmt: skip
 
 _BACKBONE = "model.backbone.model."
+# Deformable DETR's names (live transformers v5 and saved v4 alike) that are not DETR's; they go first. The
+# per-layer heads keep their index here: `_deformable_layout` sorts them out with the config.
+_DEFORMABLE_RENAMES = [
+    # the decoder's copies of the heads (tied; a v5 save keeps them instead of the top-level ones)
+    (r"^model\.decoder\.(bbox|class)_embed\.", r"\1_embed."),
+    (r"^model\.level_embed$", "model.feature_levels.level_embed"),
+    (r"^model\.input_proj\.", "model.feature_levels.projections."),
+    (r"^model\.reference_points\.", "model.queries.reference_points."),
+    (r"^model\.enc_output\.", "model.proposals.output_proj."),
+    (r"^model\.enc_output_norm\.", "model.proposals.output_norm."),
+    (r"^model\.pos_trans\.", "model.queries.proposal_projection."),
+    (r"^model\.pos_trans_norm\.", "model.queries.proposal_norm."),
+    (r"^class_embed\.(\d+)\.", r"model.heads.class_heads.\1."),
+    (r"^bbox_embed\.(\d+)\.", r"model.heads.box_heads.\1."),
+]
 # (pattern, replacement) applied in order to every key; the first group of rules brings each
 # layout's prefixes to ours, the rest rename inside.
 _RENAMES = [
@@ -91,15 +109,18 @@ _CONDITIONAL_PROJECTIONS = {
 }  # fmt: skip
 # Conditional DETR's original code (and transformers v4) keeps a query-position projection in the
 # cross-attention of every decoder layer but uses it in the first only; hf_detr has it there only.
-_UNUSED = r"^model\.decoder\.bbox_embed\.|decoder\.layers\.[1-9]\d*\.encoder_attn\.q_pos_proj\."
+_UNUSED = r"decoder\.layers\.[1-9]\d*\.encoder_attn\.q_pos_proj\."
 
 
-def convert_state_dict(state_dict: dict[str, torch.Tensor], timm_backbone: bool = False) -> dict[str, torch.Tensor]:
+def convert_state_dict(
+    state_dict: dict[str, torch.Tensor], timm_backbone: bool = False, config: HfDetrConfig | None = None
+) -> dict[str, torch.Tensor]:
     """Any of the DETR key layouts -> hf_detr's keys. Fused `in_proj_weight` / `in_proj_bias`
-    (torch.nn.MultiheadAttention, original DETR) are split into q/k/v projections; DAB-DETR's copy of
-    the box head inside its decoder (tied to `bbox_predictor`) and unused projections (`_UNUSED`) are dropped.
-    timm_backbone: for a model with a timm backbone, whose ResNet keeps timm's (= torchvision's) names."""
-    renames = _RENAMES if timm_backbone else _RENAMES + _TIMM_RESNET_RENAMES
+    (torch.nn.MultiheadAttention, original DETR) are split into q/k/v projections; DAB-DETR's and Deformable
+    DETR's copies of the heads inside their decoders (tied to the top-level heads) and unused projections
+    (`_UNUSED`) are dropped. timm_backbone: for a model with a timm backbone, whose ResNet keeps timm's (=
+    torchvision's) names. config: the converted model's, for Deformable DETR (see `_deformable_layout`)."""
+    renames = _DEFORMABLE_RENAMES + (_RENAMES if timm_backbone else _RENAMES + _TIMM_RESNET_RENAMES) + list(LEGACY_KEYS.items())
     converted = {}
     for key, value in state_dict.items():
         if key.endswith("num_batches_tracked"):
@@ -114,15 +135,54 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], timm_backbone: bool 
                 converted[f"{prefix}.{name}.{kind}"] = part
         else:
             converted[key] = value
-    return converted
+    return _deformable_layout(converted, config) if config is not None and config.query_type == "deformable" else converted
 
 
-def resnet_backbone_config(depth: int) -> ResNetConfig:
-    """transformers' ResNet config equal to timm's / torchvision's resnet{depth}, last stage only."""
+def _deformable_layout(converted: dict[str, torch.Tensor], config: HfDetrConfig) -> dict[str, torch.Tensor]:
+    """Deformable DETR's tensors whose place depends on the config:
+    - its object query [Q, 2D] is the position (first half) and the content query (second half);
+    - its heads: one per decoder layer with box refinement, else one shared (the copies per layer are the same
+      tensors); with two-stage the one after the last layer is the encoder stage's;
+    - its two-stage proposal embedding is (x, y, w, h), hf_detr's sine embedding of boxes (y, x, w, h): the
+      projection's input columns of x and y swap."""
+    layout = {}
+    if config.with_box_refine and "model.heads.class_heads.1.weight" not in converted:
+        # transformers v5 ties the class heads of every layer and saves the first alone: the same head on every layer
+        shared = {key: value for key, value in converted.items() if key.startswith("model.heads.class_heads.0.")}
+        for layer in range(1, config.decoder_layers):
+            converted.update({key.replace(".0.", f".{layer}.", 1): value for key, value in shared.items()})
+    for key, value in converted.items():
+        if key == "model.queries.position_embeddings.weight" and value.shape[1] == 2 * config.d_model:
+            position, content = value.chunk(2, dim=1)
+            layout["model.queries.position_embeddings.weight"], layout["model.queries.content_embeddings.weight"] = position, content
+            continue
+        if key == "model.queries.proposal_projection.weight":
+            quarter = value.shape[1] // 4
+            value = torch.cat((value[:, quarter : 2 * quarter], value[:, :quarter], value[:, 2 * quarter :]), 1)
+        head = re.match(r"model\.heads\.(class|box)_heads\.(\d+)\.(.*)", key)
+        if head:
+            kind, layer, rest = head[1], int(head[2]), head[3]
+            if layer == config.decoder_layers and config.two_stage:
+                key = f"model.proposals.{kind}_head.{rest}"
+            elif layer >= (config.decoder_layers if config.with_box_refine else 1):
+                continue  # a shared head's copy for another layer
+        layout[key] = value
+    return layout
+
+
+def resnet_backbone_config(depth: int, stages: list[int] | None = None) -> ResNetConfig:
+    """transformers' ResNet config equal to timm's / torchvision's resnet{depth}, giving the `stages` (1-4; default
+    the last only)."""
     depths = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
     if depth not in depths:
         raise ValueError(f"no ResNet-{depth} layout known; DETR was published with ResNet-50 and ResNet-101")
-    return ResNetConfig(depths=depths[depth], layer_type="bottleneck", hidden_sizes=[256, 512, 1024, 2048], out_features=["stage4"])
+    out_features = [f"stage{stage}" for stage in stages or [4]]
+    return ResNetConfig(depths=depths[depth], layer_type="bottleneck", hidden_sizes=[256, 512, 1024, 2048], out_features=out_features)
+
+
+def _timm_stages(timm_config) -> list[int]:
+    """A TimmBackboneConfig's `out_indices` as ResNet stages 1-4 (-1: the last)."""
+    return [4 if index == -1 else int(index) for index in (getattr(timm_config, "out_indices", None) or [-1])]
 
 
 def _coco_names_if_default(id2label: dict[int, str]) -> dict[int, str]:
@@ -140,6 +200,8 @@ def timm_resnet_backbone(resnet_config: ResNetConfig) -> dict:
     bottleneck = resnet_config.layer_type == "bottleneck"
     widths = [size // 4 for size in resnet_config.hidden_sizes] if bottleneck else list(resnet_config.hidden_sizes)
     kwargs = {"layers": list(resnet_config.depths), "channels": widths}
+    if resnet_config.out_features != ["stage4"]:  # timm's feature index i is ResNet stage i (0: the stem)
+        kwargs["out_indices"] = [int(name.removeprefix("stage")) for name in resnet_config.out_features]
     return {"use_timm_backbone": True, "backbone": "resnet50" if bottleneck else "resnet18", "backbone_kwargs": kwargs}
 
 
@@ -155,10 +217,14 @@ def config_from_detr_config(detr_config, eos_coefficient: bool = True, timm_back
     if backbone.model_type == "timm_backbone":
         if getattr(detr_config, "dilation", False):
             raise ValueError("DETR-DC5 (dilation=True) is not supported")
+        # the stages the model reads: DETR the last; Deformable DETR the last num_feature_levels (at most all)
+        stages = _timm_stages(backbone)[-getattr(detr_config, "num_feature_levels", 1) :]
         if timm_backbone:
             backbone_fields = {"use_timm_backbone": True, "backbone": backbone.backbone}
+            if stages != [4]:
+                backbone_fields["backbone_kwargs"] = {"out_indices": stages}
         else:
-            backbone_fields = {"backbone_config": resnet_backbone_config(int(re.sub(r"\D", "", backbone.backbone)))}
+            backbone_fields = {"backbone_config": resnet_backbone_config(int(re.sub(r"\D", "", backbone.backbone)), stages)}
     elif timm_backbone:
         if backbone.model_type != "resnet":
             raise ValueError(f"only a ResNet backbone maps onto timm, got {backbone.model_type!r}")
@@ -175,7 +241,7 @@ def config_from_detr_config(detr_config, eos_coefficient: bool = True, timm_back
     kwargs.update({name: float(getattr(detr_config, name)) for name in ("class_cost", "bbox_cost", "giou_cost")})
     kwargs.update({name: float(getattr(detr_config, name)) for name in ("bbox_loss_coefficient", "giou_loss_coefficient")})
     kwargs.update({name: float(kwargs[name]) for name in ("dropout", "attention_dropout", "activation_dropout")})
-    return HfDetrConfig(**backbone_fields, id2label=_coco_names_if_default(detr_config.id2label), **kwargs, **overrides)
+    return HfDetrConfig(**backbone_fields, id2label=_coco_names_if_default(detr_config.id2label), **{**kwargs, **overrides})
 
 
 def config_from_conditional_detr_config(conditional_config, timm_backbone: bool = False) -> HfDetrConfig:
@@ -208,11 +274,30 @@ def config_from_dab_detr_config(dab_config, timm_backbone: bool = False) -> HfDe
     )  # fmt: skip
 
 
+def config_from_deformable_detr_config(deformable_config, timm_backbone: bool = False) -> HfDetrConfig:
+    """transformers' DeformableDetrConfig -> HfDetrConfig with query_type "deformable", deformable attention in
+    the encoder and the decoder's cross-attention, its levels and points, box refinement and two-stage as
+    set (two-stage: `two_stage_num_proposals` queries), Deformable DETR's positions (pixel centres) and decoder
+    (no final norm), and the focal class loss weighted 1 as in transformers' loss."""
+    if getattr(deformable_config, "encoder_layerdrop", 0.0):
+        raise ValueError(f"Deformable DETR's encoder_layerdrop is not supported, got {deformable_config.encoder_layerdrop}")
+    num_queries = deformable_config.two_stage_num_proposals if deformable_config.two_stage else deformable_config.num_queries
+    return config_from_detr_config(
+        deformable_config, eos_coefficient=False, timm_backbone=timm_backbone, query_type="deformable", class_loss="focal",
+        focal_alpha=float(deformable_config.focal_alpha), ce_loss_coefficient=1.0, encoder_attention="deformable",
+        decoder_cross_attention="deformable", num_feature_levels=deformable_config.num_feature_levels,
+        encoder_n_points=deformable_config.encoder_n_points, decoder_n_points=deformable_config.decoder_n_points,
+        with_box_refine=deformable_config.with_box_refine, two_stage=deformable_config.two_stage,
+        position_embedding_offset=0.5, decoder_final_norm=False, normalize_between_decoder_layers=False, num_queries=num_queries,
+    )  # fmt: skip
+
+
 # transformers' model_type -> the config mapping; convert_transformers_detr takes a model of any of them.
 CONFIG_CONVERTERS = {
     "detr": config_from_detr_config,
     "conditional_detr": config_from_conditional_detr_config,
     "dab-detr": config_from_dab_detr_config,
+    "deformable_detr": config_from_deformable_detr_config,
 }
 
 
@@ -255,7 +340,7 @@ def config_from_original_state_dict(
 def load_converted(config: HfDetrConfig, state_dict: dict[str, torch.Tensor]) -> HfDetrForObjectDetection:
     """Build the model and load converted weights, failing loudly on any key left over or missing."""
     model = HfDetrForObjectDetection(config)
-    converted = convert_state_dict(state_dict, timm_backbone=config.use_timm_backbone)
+    converted = convert_state_dict(state_dict, timm_backbone=config.use_timm_backbone, config=config)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if missing or unexpected:
         raise ValueError(f"DETR weights do not fit hf_detr: missing {sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}")
@@ -263,15 +348,16 @@ def load_converted(config: HfDetrConfig, state_dict: dict[str, torch.Tensor]) ->
 
 
 def convert_transformers_detr(model, timm_backbone: bool = False) -> HfDetrForObjectDetection:
-    """A transformers `DetrForObjectDetection`, `ConditionalDetrForObjectDetection` or
-    `DabDetrForObjectDetection` in, an `HfDetrForObjectDetection` with the same weights (and matching
-    outputs) out: query_type "detr", "conditional" or "anchor". timm_backbone: see config_from_detr_config."""
+    """A transformers `DetrForObjectDetection`, `ConditionalDetrForObjectDetection`, `DabDetrForObjectDetection`
+    or `DeformableDetrForObjectDetection` in, an `HfDetrForObjectDetection` with the same weights (and matching
+    outputs) out: query_type "detr", "conditional", "anchor" or "deformable". timm_backbone: see
+    config_from_detr_config."""
     return load_converted(config_from_transformers_config(model.config, timm_backbone), model.state_dict())
 
 
 def config_from_transformers_config(config, timm_backbone: bool = False) -> HfDetrConfig:
     if config.model_type not in CONFIG_CONVERTERS:
-        raise ValueError(f"cannot convert a {config.model_type!r} model; known: {sorted(CONFIG_CONVERTERS)}")
+        raise ValueError(f"hf_detr cannot convert a {config.model_type!r} model; it converts {sorted(CONFIG_CONVERTERS)}")
     return CONFIG_CONVERTERS[config.model_type](config, timm_backbone=timm_backbone)
 
 
@@ -345,3 +431,7 @@ def convert_checkpoint(
         state_dict = read_transformers_weights(folder)
     config.converted_from = str(checkpoint)  # a model card's base_model, when a Hub id
     return load_converted(config, state_dict)
+
+
+# `from_pretrained` of these families' checkpoints converts them on the fly (the model files know no converter)
+HfDetrPreTrainedModel.checkpoint_converters.update(dict.fromkeys(CONFIG_CONVERTERS, convert_checkpoint))

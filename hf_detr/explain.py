@@ -1,13 +1,15 @@
 """See inside a DETR: every decoder layer's predictions, the Hungarian matching with its cost terms, and
 the attention, for one image (`explain`) or over a split (`query_statistics`).
 
-Everything comes from the model itself: its decoder's per-layer hidden states through its own shared
-heads (`HfDetrForObjectDetection.layer_predictions`, what its loss uses), its attention probabilities
-(`output_attentions`), and its loss's own matcher. Training side: never imported by the model surface.
+Everything comes from the model itself: its decoder's per-layer hidden states through its own heads
+(`model.model.heads`, what its loss uses), its attention (`output_attentions`: probabilities of dense
+attention, sampling points and weights of deformable attention), and its loss's own matcher. Training
+side: never imported by the model surface.
 
     explanation = hf_detr.explain(model, "photo.jpg", image_processor=processor)
-    explanation.scores[-1]       # [Q, K] the final layer's class probabilities
-    explanation.cross_attention  # [L, heads, Q, h, w] where each query looked, per decoder layer
+    explanation.scores[-1]          # [Q, K] the final layer's class probabilities
+    explanation.cross_attention     # [L, heads, Q, h, w] where each query looked, per decoder layer
+    explanation.sampling_locations  # deformable cross-attention: [L, Q, heads, levels, points, 2] per layer
     hf_detr.visualize.write_report(explanation, "out/")   # the HTML page and its PNGs
 """
 
@@ -32,8 +34,17 @@ class Explanation:
     image: the image (PIL, RGB, EXIF-applied). names: class label -> name.
     scores [L, Q, K]: each layer's class probabilities ("no object" left out for the softmax loss).
     boxes [L, Q, 4]; references [L, Q, 2 | 4] or None: what each layer's boxes are predicted relative to.
-    feature_mask [h, w]: True on cells of the image, False on padding.
-    cross_attention [L, heads, Q, h, w]: each query's attention over the feature map, per decoder layer.
+    level_shapes: (h_l, w_l) of each feature level, the finest first (one level in DETR: h x w).
+    feature_mask [h, w]: True on cells of the image, False on padding (of the finest level).
+    cross_attention [L, heads, Q, h, w]: each query's attention over the image, per decoder layer, on the
+        finest level's grid: the attention weight of every cell of every level (dense attention's
+        probabilities; deformable attention's weights at the cells its sampling points fall in), a coarser
+        cell's weight shared equally by the finest cells it covers. It sums to 1 per query for dense
+        attention, to the weight of the points inside the maps for deformable attention.
+    sampling_locations [L, Q, heads, levels, points, 2], sampling_weights [L, Q, heads, levels, points]:
+        deformable cross-attention only (else None): where each query samples on every level ((x, y) in 0..1
+        of the level's padded map, which the image's real part spans to valid_ratios) and how much each
+        sample weighs; valid_ratios [levels, 2] (width, height).
     encoder_points [P, 2]: (x, y) pixels of the encoder attention maps; encoder_attention [E, heads, P, h, w].
     labels: the ground truth given ({"class_labels" [N], "boxes" [N, 4]}), or None. With it:
     matches: per layer (query_idx [M], target_idx [M]), the model's matcher's assignment;
@@ -54,6 +65,10 @@ class Explanation:
     encoder_attention: torch.Tensor
     all_scores: torch.Tensor
     all_boxes: torch.Tensor
+    level_shapes: list[tuple[int, int]] | None = None
+    sampling_locations: torch.Tensor | None = None
+    sampling_weights: torch.Tensor | None = None
+    valid_ratios: torch.Tensor | None = None
     num_groups: int = 1
     num_denoising: int = 0
     labels: dict | None = None
@@ -100,6 +115,38 @@ def _inputs(image, image_processor) -> tuple[Any, dict[str, torch.Tensor]]:
     return image, {"pixel_values": encoded["pixel_values"], "pixel_mask": encoded.get("pixel_mask")}
 
 
+def _attention_on_finest_grid(attention, rows, level_shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """One layer's attention of image 0 -> [heads, T', h0, w0] on the finest level's grid, for the queries `rows`.
+
+    attention: dense probabilities [1, heads, T, S], or deformable (sampling_locations [1, T, heads, levels,
+    points, 2], weights [1, T, heads, levels, points]), whose weights go to the cells their points fall in
+    (points outside a map read nothing and count for nothing). A coarser level's cell's weight is shared
+    equally by the finest cells nearest to it, so the total weight stays what it was."""
+    if isinstance(attention, tuple):
+        locations, weights = attention[0][0, rows], attention[1][0, rows]  # [T', heads, levels, points, 2], [..]
+        per_level = []
+        for level, (h, w) in enumerate(level_shapes):
+            x, y = locations[..., level, :, 0], locations[..., level, :, 1]
+            inside = (x >= 0) & (x < 1) & (y >= 0) & (y < 1)
+            cell = (y * h).long().clamp(0, h - 1) * w + (x * w).long().clamp(0, w - 1)  # [T', heads, points]
+            grid = torch.zeros(*cell.shape[:-1], h * w).scatter_add_(-1, cell, weights[..., level, :] * inside)
+            per_level.append(grid)
+        flat = torch.cat(per_level, -1).transpose(0, 1)  # [heads, T', S]
+    else:
+        flat = attention[0][:, rows]  # [heads, T', S]
+    height, width = level_shapes[0]
+    finest = torch.zeros(*flat.shape[:-1], height * width)
+    start = 0
+    for h, w in level_shapes:
+        level = flat[..., start : start + h * w]
+        start += h * w
+        # each finest cell's nearest cell of this level, and how many finest cells share it
+        source = ((torch.arange(height) * h // height)[:, None] * w + (torch.arange(width) * w // width)[None, :]).flatten()
+        share = torch.bincount(source, minlength=h * w).clamp(min=1)
+        finest += (level / share)[..., source]
+    return finest.unflatten(-1, (height, width))
+
+
 def _probabilities(model, logits: torch.Tensor) -> torch.Tensor:
     """Class logits -> probabilities of the real classes, as the model's class loss defines them."""
     if model.criterion.class_loss.sigmoid:
@@ -133,29 +180,31 @@ def explain(
     model.eval()
     image, inputs = _inputs(image, image_processor or image_processor_for(model.config))
     captured = {}
-    hook = model.model.backbone.register_forward_hook(lambda module, args, output: captured.update(mask=output[1]))
+    hook = model.model.feature_levels.register_forward_hook(lambda module, args, output: captured.update(memory=output))
     builder = model.model.queries
     builder.train(training_queries)
     try:
         outputs = model.model(
             inputs["pixel_values"], inputs["pixel_mask"], output_attentions=True,
-            labels=[labels] if labels is not None and training_queries else None, box_head=model.bbox_predictor,
+            labels=[labels] if labels is not None and training_queries else None,
             output_intermediate_hidden_states=True, output_decoder_queries=True,
         )  # fmt: skip
     finally:
         hook.remove()
         builder.eval()
-    logits, boxes = model.layer_predictions(outputs.intermediate_hidden_states, outputs.reference_boxes)
+    logits, boxes = model.model.heads(outputs.intermediate_hidden_states, outputs.reference_boxes)
     layout = outputs.decoder_queries
-    group_0 = slice(layout.num_denoising, layout.num_denoising + model.config.num_queries)
-    feature_mask = captured["mask"][0]  # [h, w]
-    height, width = feature_mask.shape
+    group_0 = layout.prediction_slice
+    memory = captured["memory"]
+    level_shapes = [tuple(int(v) for v in shape) for shape in memory.level_shapes]
+    height, width = level_shapes[0]
+    feature_mask = torch.ones(height, width, dtype=torch.bool) if memory.mask is None else memory.mask[0, : height * width].view(height, width)
 
-    def maps(attentions, rows=None):  # per layer [1, heads, T, h*w] -> [layers, heads, T', h, w]
-        stacked = torch.stack([a[0] if rows is None else a[0, :, rows] for a in attentions])
-        return stacked.unflatten(-1, (height, width))
+    def maps(attentions, rows):  # per layer: probabilities [1, heads, T, S] or deformable sampling -> [layers, heads, T', h, w]
+        return torch.stack([_attention_on_finest_grid(a, rows, level_shapes) for a in attentions])
 
     scores = _probabilities(model, logits[:, 0])
+    deformable = isinstance(outputs.cross_attentions[0], tuple)
     explanation = Explanation(
         image=image,
         names=dict(model.config.id2label),
@@ -169,12 +218,16 @@ def explain(
         encoder_attention=torch.zeros(0),
         all_scores=scores,
         all_boxes=boxes[:, 0],
+        level_shapes=level_shapes,
+        sampling_locations=torch.stack([a[0][0, group_0] for a in outputs.cross_attentions]) if deformable else None,
+        sampling_weights=torch.stack([a[1][0, group_0] for a in outputs.cross_attentions]) if deformable else None,
+        valid_ratios=memory.valid_ratios[0],
         num_groups=layout.num_groups,
         num_denoising=layout.num_denoising,
         labels=labels,
     )
 
-    # the encoder's self-attention at the points' feature cells (the image's real cells span the mask)
+    # the encoder's self-attention at the points' cells of the finest level (the image's real cells span the mask)
     if encoder_points is None:
         centres = explanation.boxes_in_pixels(explanation.boxes[-1, explanation.detections()[:4]])
         encoder_points = ((centres[:, :2] + centres[:, 2:]) / 2).tolist() or [(image.width / 2, image.height / 2)]

@@ -11,19 +11,43 @@ model is traced, exported or compiled (`exporting()`), so an exported graph is t
 - `OneDnnLinear`: on x86 CPUs, fp32 products of 12M multiply-adds and more go to oneDNN.
 - `padding_mask_or_none`: no attention mask when nothing is padded (on CPU).
 
-Switches: `hf_detr.kernels.ENABLED = False` turns all of them off at run time;
-`torch.backends.mkldnn.enabled = False` the oneDNN products alone.
+Switches, as timm's `set_exportable`: `hf_detr.kernels.set_enabled(False)` turns all of them off at run time,
+`with hf_detr.kernels.enabled(False): ...` for a block (both work on models already built; `is_enabled()` says
+which holds); `torch.backends.mkldnn.enabled = False` turns off the oneDNN products alone.
 
 This file is part of the model surface (saved next to config.json): it imports only torch and
 transformers.
 """
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-ENABLED = True
+_ENABLED = True
+
+
+def set_enabled(enable: bool) -> None:
+    """Switch the speed kernels on or off for every model, from now on."""
+    global _ENABLED
+    _ENABLED = bool(enable)
+
+
+def is_enabled() -> bool:
+    return _ENABLED
+
+
+@contextlib.contextmanager
+def enabled(enable: bool = True):
+    """The speed kernels on (or off) inside the block, as they were after it."""
+    previous = _ENABLED
+    set_enabled(enable)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
 
 # oneDNN runs fp32 products at the CPU's peak on x86 with AVX2 or AVX-512; see OneDnnLinear.
 ONEDNN_PRODUCTS = torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() in {"AVX2", "AVX512"}
@@ -36,7 +60,7 @@ def exporting() -> bool:
 
 
 def active() -> bool:
-    return ENABLED and not exporting()
+    return _ENABLED and not exporting()
 
 
 class FoldedBatchNormConv2d(nn.Conv2d):
@@ -171,4 +195,6 @@ def apply_speed_kernels(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["apply_speed_kernels", "FoldedBatchNormConv2d", "OneDnnLinear", "padding_mask_or_none", "exporting", "ENABLED"]
+__all__ = [
+    "apply_speed_kernels", "FoldedBatchNormConv2d", "OneDnnLinear", "padding_mask_or_none", "exporting", "set_enabled", "is_enabled", "enabled",
+]  # fmt: skip

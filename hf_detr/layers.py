@@ -1,7 +1,16 @@
-"""The transformer's building blocks: multi-head attention (one path: `attend`), the feed-forward
-block, a small MLP, and the encoder and decoder layers.
+"""The transformer's building blocks: the attention kinds, the feed-forward block, a small MLP, and the
+encoder and decoder layers.
 
-Attention runs through transformers' attention interface (`config._attn_implementation`: "sdpa" by
+The attention kinds are values of the config, picked from this file's dicts: the encoder's self-attention
+(`ENCODER_ATTENTION`, config.encoder_attention) and the decoder's cross-attention (`CROSS_ATTENTION`,
+config.decoder_cross_attention). Every kind of a dict takes the same arguments, so the layers and the
+decoder loop never know which one runs:
+- "dense": multi-head attention over every memory position (DETR);
+- "spatial": Conditional DETR's cross-attention, a content and a spatial dot product per head;
+- "deformable": multi-scale deformable attention (Deformable DETR, deformable.py): each query reads a few
+  sampled points around its reference on every feature level.
+
+Dense attention runs through transformers' attention interface (`config._attn_implementation`: "sdpa" by
 default, or "eager", this file's `eager_attention`, which also gives the probabilities).
 
 Positions never reach the values (DETR sec. A.3). They reach queries and keys in one of three ways:
@@ -10,8 +19,10 @@ Positions never reach the values (DETR sec. A.3). They reach queries and keys in
   `PositionProjectedAttention`);
 - concatenated per head, q_h = [W_q x ; W_s s]_h against k_h = [W_k m ; W_k' p]_h, so that attention
   sums a content and a spatial dot product (Conditional DETR's cross-attention: `SpatialCrossAttention`).
+Deformable attention adds them to its query, from which it predicts where to sample and how to weigh.
 
-This file is part of the model surface (saved next to config.json): it imports only torch and transformers.
+This file is part of the model surface (saved next to config.json): it imports only torch, transformers
+and its siblings.
 """
 
 import torch
@@ -20,6 +31,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .deformable import MultiScaleDeformableAttention
 
 
 def eager_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
@@ -73,7 +86,20 @@ class HfDetrAttention(nn.Module):
         return self.attend(q, k, v, mask, output_attentions)
 
 
-class PositionProjectedAttention(HfDetrAttention):
+class DecoderSelfAttention(HfDetrAttention):
+    """The decoder's self-attention among the queries, DETR's: the query position added to queries and keys."""
+
+    @classmethod
+    def from_config(cls, config) -> "DecoderSelfAttention":
+        return cls(config.d_model, config.decoder_attention_heads, config.attention_dropout, config)
+
+    def forward(self, hidden_states, position, mask=None, output_attentions=False):
+        """hidden_states, position [B, T, D]; mask [T, T] (True: may attend) or None -> (output [B, T, D], weights or None)."""
+        query_key = hidden_states + position
+        return super().forward(query_key, query_key, hidden_states, mask, output_attentions)
+
+
+class PositionProjectedAttention(DecoderSelfAttention):
     """Self-attention whose positions have projections of their own: q = W_q x + W_q' p,
     k = W_k x + W_k' p, v = W_v x (Conditional DETR and DAB-DETR's decoder self-attention)."""
 
@@ -83,10 +109,66 @@ class PositionProjectedAttention(HfDetrAttention):
         self.k_pos_proj = nn.Linear(d_model, d_model)
 
     def forward(self, hidden_states, position, mask=None, output_attentions=False):
-        """hidden_states, position [B, T, D] -> (output [B, T, D], weights or None)."""
         q = self.heads(self.q_proj(hidden_states) + self.q_pos_proj(position))
         k = self.heads(self.k_proj(hidden_states) + self.k_pos_proj(position))
         return self.attend(q, k, self.heads(self.v_proj(hidden_states)), mask, output_attentions)
+
+
+# ---------------------------------------------------------------------------------- encoder self-attention
+# forward(hidden_states [B, S, D], position [B, S, D], memory: EncoderMemory (its mask and levels),
+#         reference_points [B, S, L, 2] or None, output_attentions) -> (output [B, S, D], attention or None)
+
+
+class DenseSelfAttention(HfDetrAttention):
+    """DETR's encoder self-attention: every position attends to every real one, positions added to queries and keys."""
+
+    needs_reference_points = False
+
+    @classmethod
+    def from_config(cls, config) -> "DenseSelfAttention":
+        return cls(config.d_model, config.encoder_attention_heads, config.attention_dropout, config)
+
+    def forward(self, hidden_states, position, memory, reference_points=None, output_attentions=False):
+        query_key = hidden_states + position
+        return super().forward(query_key, query_key, hidden_states, memory.key_padding_mask(), output_attentions)
+
+
+class DeformableSelfAttention(MultiScaleDeformableAttention):
+    """Deformable DETR's encoder self-attention: each position samples a few points around itself on every level."""
+
+    needs_reference_points = True
+
+    @classmethod
+    def from_config(cls, config) -> "DeformableSelfAttention":
+        return cls(config.d_model, config.encoder_attention_heads, config.num_feature_levels, config.encoder_n_points)
+
+    def forward(self, hidden_states, position, memory, reference_points=None, output_attentions=False):
+        return super().forward(
+            hidden_states + position, reference_points, hidden_states, memory.mask, memory.spatial_shapes, output_sampling=output_attentions
+        )  # fmt: skip
+
+
+ENCODER_ATTENTION = {"dense": DenseSelfAttention, "deformable": DeformableSelfAttention}
+
+
+# --------------------------------------------------------------------------------- decoder cross-attention
+# forward(hidden_states [B, T, D], query_position [B, T, D], spatial_query [B, T, D] or None, reference
+#         [B, T, 2 | 4] or None (sigmoid space), memory: EncoderMemory, output_attentions)
+# -> (output [B, T, D], attention or None). `self_attention`: the decoder self-attention that goes with it.
+
+
+class DenseCrossAttention(HfDetrAttention):
+    """DETR's cross-attention: query position added to the queries, memory positions to the keys."""
+
+    self_attention = DecoderSelfAttention
+
+    @classmethod
+    def from_config(cls, config, first_layer: bool = False) -> "DenseCrossAttention":
+        return cls(config.d_model, config.decoder_attention_heads, config.attention_dropout, config)
+
+    def forward(self, hidden_states, query_position, spatial_query, reference, memory, output_attentions=False):
+        key = memory.features + memory.position
+        return super().forward(hidden_states + query_position, key, memory.features, memory.key_padding_mask(), output_attentions)
 
 
 class SpatialCrossAttention(HfDetrAttention):
@@ -96,22 +178,48 @@ class SpatialCrossAttention(HfDetrAttention):
     product (scale 1 / sqrt(2 * head size)). In the first layer the query position and memory positions
     are also added to the content parts, as in DETR (`first_layer`)."""
 
+    self_attention = PositionProjectedAttention
+
     def __init__(self, d_model: int, num_heads: int, dropout: float, first_layer: bool, config=None):
         super().__init__(d_model, num_heads, dropout, config)
         self.k_pos_proj = nn.Linear(d_model, d_model)
         self.q_sine_proj = nn.Linear(d_model, d_model)
         self.q_pos_proj = nn.Linear(d_model, d_model) if first_layer else None
 
-    def forward(self, hidden_states, query_position, spatial_query, memory, memory_position, mask=None, output_attentions=False):
-        """hidden_states, query_position, spatial_query [B, T, D]; memory, memory_position [B, S, D]."""
-        query, key = self.q_proj(hidden_states), self.k_proj(memory)
-        key_position = self.k_pos_proj(memory_position)
+    @classmethod
+    def from_config(cls, config, first_layer: bool = False) -> "SpatialCrossAttention":
+        return cls(config.d_model, config.decoder_attention_heads, config.attention_dropout, first_layer, config)
+
+    def forward(self, hidden_states, query_position, spatial_query, reference, memory, output_attentions=False):
+        query, key = self.q_proj(hidden_states), self.k_proj(memory.features)
+        key_position = self.k_pos_proj(memory.position)
         if self.q_pos_proj is not None:
             query = query + self.q_pos_proj(query_position)
             key = key + key_position
         q = torch.cat((self.heads(query), self.heads(self.q_sine_proj(spatial_query))), -1)
         k = torch.cat((self.heads(key), self.heads(key_position)), -1)
-        return self.attend(q, k, self.heads(self.v_proj(memory)), mask, output_attentions)
+        return self.attend(q, k, self.heads(self.v_proj(memory.features)), memory.key_padding_mask(), output_attentions)
+
+
+class DeformableCrossAttention(MultiScaleDeformableAttention):
+    """Deformable DETR's cross-attention: each query samples a few points around its reference point (or
+    within its reference box) on every level, the reference scaled to each level's real extent."""
+
+    self_attention = DecoderSelfAttention
+
+    @classmethod
+    def from_config(cls, config, first_layer: bool = False) -> "DeformableCrossAttention":
+        return cls(config.d_model, config.decoder_attention_heads, config.num_feature_levels, config.decoder_n_points)
+
+    def forward(self, hidden_states, query_position, spatial_query, reference, memory, output_attentions=False):
+        ratios = memory.valid_ratios if reference.shape[-1] == 2 else memory.valid_ratios.repeat(1, 1, 2)
+        reference = reference[:, :, None] * ratios[:, None]  # [B, T, L, 2 | 4]
+        return super().forward(
+            hidden_states + query_position, reference, memory.features, memory.mask, memory.spatial_shapes, output_sampling=output_attentions
+        )  # fmt: skip
+
+
+CROSS_ATTENTION = {"dense": DenseCrossAttention, "spatial": SpatialCrossAttention, "deformable": DeformableCrossAttention}
 
 
 class HfDetrMLP(nn.Module):
@@ -154,23 +262,23 @@ class _Residual(GradientCheckpointingLayer):
 
 
 class HfDetrEncoderLayer(_Residual):
-    """Self-attention over the feature map (position added to queries and keys) + FFN."""
+    """Self-attention over the memory (the kind config.encoder_attention names) + FFN."""
 
     def __init__(self, config):
         super().__init__()
         d = config.d_model
-        self.self_attn = HfDetrAttention(d, config.encoder_attention_heads, config.attention_dropout, config)
+        self.self_attn = ENCODER_ATTENTION[config.encoder_attention].from_config(config)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.mlp = HfDetrMLP(d, config.encoder_ffn_dim, config.activation_function, config.activation_dropout)
         self.final_layer_norm = nn.LayerNorm(d)
         self.dropout, self.normalize_before = config.dropout, config.normalize_before
 
-    def forward(self, hidden_states, position_embeddings, key_padding_mask, output_attentions=False):
-        """hidden_states, position_embeddings [B, S, D]; key_padding_mask [B, 1, 1, S] or None."""
+    def forward(self, hidden_states, position, memory, reference_points=None, output_attentions=False):
+        """hidden_states, position [B, S, D]; memory: the EncoderMemory (mask, levels); reference_points
+        [B, S, L, 2] for the kinds that need them."""
 
         def self_attention(x):
-            query_key = x + position_embeddings
-            return self.self_attn(query_key, query_key, x, key_padding_mask, output_attentions)
+            return self.self_attn(x, position, memory, reference_points, output_attentions)
 
         hidden_states, weights = self.block(self.self_attn_layer_norm, hidden_states, self_attention)
         hidden_states, _ = self.block(self.final_layer_norm, hidden_states, lambda x: (self.mlp(x), None))
@@ -178,23 +286,15 @@ class HfDetrEncoderLayer(_Residual):
 
 
 class HfDetrDecoderLayer(_Residual):
-    """Self-attention among the queries, cross-attention to the encoder memory, FFN.
+    """Self-attention among the queries, cross-attention to the encoder memory (the kind
+    config.decoder_cross_attention names, with the self-attention that goes with it), FFN."""
 
-    DETR layers add the query position to queries (and self-attention keys) and the memory's spatial
-    positions to the cross-attention keys. With `spatial_cross_attention` (Conditional DETR, DAB-DETR)
-    the self-attention projects positions on their own and the cross-attention concatenates the
-    builder's spatial query (`SpatialCrossAttention`)."""
-
-    def __init__(self, config, spatial_cross_attention: bool = False, first_layer: bool = False):
+    def __init__(self, config, first_layer: bool = False):
         super().__init__()
-        d, heads, dropout = config.d_model, config.decoder_attention_heads, config.attention_dropout
-        self.spatial_cross_attention = spatial_cross_attention
-        if spatial_cross_attention:
-            self.self_attn = PositionProjectedAttention(d, heads, dropout, config)
-            self.encoder_attn = SpatialCrossAttention(d, heads, dropout, first_layer, config)
-        else:
-            self.self_attn = HfDetrAttention(d, heads, dropout, config)
-            self.encoder_attn = HfDetrAttention(d, heads, dropout, config)
+        d = config.d_model
+        cross_attention = CROSS_ATTENTION[config.decoder_cross_attention]
+        self.self_attn = cross_attention.self_attention.from_config(config)
+        self.encoder_attn = cross_attention.from_config(config, first_layer)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.encoder_attn_layer_norm = nn.LayerNorm(d)
         self.mlp = HfDetrMLP(d, config.decoder_ffn_dim, config.activation_function, config.activation_dropout)
@@ -202,27 +302,20 @@ class HfDetrDecoderLayer(_Residual):
         self.dropout, self.normalize_before = config.dropout, config.normalize_before
 
     def forward(
-        self, hidden_states, query_position, spatial_query, memory, memory_position, memory_key, memory_mask,
+        self, hidden_states, query_position, spatial_query, reference, memory_features, memory_position, memory,
         self_attention_mask=None, output_attentions=False,
     ):  # fmt: skip
-        """hidden_states, query_position, spatial_query (or None) [B, T, D]; memory, memory_position [B, S, D];
-        memory_key: memory + memory_position, the DETR cross-attention keys (the same for every layer, so
-        the decoder adds them once); memory_mask [B, 1, 1, S] or None; self_attention_mask [T, T] or None."""
-        if self.spatial_cross_attention:
+        """hidden_states, query_position, spatial_query (or None) [B, T, D]; reference [B, T, 2 | 4] or None;
+        memory: the EncoderMemory. Its features and positions [B, S, D] also come on their own: gradient
+        checkpointing (reentrant) passes gradients only through a layer's tensor arguments.
+        self_attention_mask [T, T] or None."""
+        memory = memory.replace(features=memory_features, position=memory_position)
 
-            def self_attention(x):
-                return self.self_attn(x, query_position, self_attention_mask, output_attentions)
+        def self_attention(x):
+            return self.self_attn(x, query_position, self_attention_mask, output_attentions)
 
-            def cross_attention(x):
-                return self.encoder_attn(x, query_position, spatial_query, memory, memory_position, memory_mask, output_attentions)
-        else:
-
-            def self_attention(x):
-                query_key = x + query_position
-                return self.self_attn(query_key, query_key, x, self_attention_mask, output_attentions)
-
-            def cross_attention(x):
-                return self.encoder_attn(x + query_position, memory_key, memory, memory_mask, output_attentions)
+        def cross_attention(x):
+            return self.encoder_attn(x, query_position, spatial_query, reference, memory, output_attentions)
 
         hidden_states, self_weights = self.block(self.self_attn_layer_norm, hidden_states, self_attention)
         hidden_states, cross_weights = self.block(self.encoder_attn_layer_norm, hidden_states, cross_attention)

@@ -4,14 +4,13 @@ queries (Group DETR) is matched on its own; denoising queries (DN-DETR) reconstr
 were made from, without matching.
 
 The class loss is one of `CLASS_LOSSES` (`HfDetrConfig.class_loss`); it also fixes the class head's
-size (`sigmoid`: num_labels outputs, else num_labels + 1 with "no object" last) and the matcher's
-class cost (`matching_cost`).
+size (`sigmoid`: num_labels outputs, else num_labels + 1 with "no object" last) and owns the matcher's
+class cost (`matching_cost`). With two-stage proposals, the encoder's scores and boxes of every memory
+position get the same terms against class-agnostic targets (suffix "_enc").
 
 All layers are handled together: one matcher call (one host transfer), then the loss terms as flat
 tensor ops over (layer, image, query) indices, with no Python loop over layers or images.
 """
-
-from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -19,75 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .box_ops import center_planes, l1_and_generalized_box_iou_planes
+from .targets import Targets, check_labels
 
 
-def check_labels(labels: list[dict], num_labels: int, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raise a ValueError naming the image index and annotation position of the first bad target:
-    one dict per image of the batch (``batch_size``, when given), integer class ids in
-    [0, num_labels), finite float cxcywh boxes in [0, 1] with positive size.
-    -> every image's class_labels [N] and boxes [N, 4], concatenated in image order."""
-    if not isinstance(labels, (list, tuple)):
-        raise ValueError(f"labels must be a list with one dict per image, got {type(labels).__name__}")
-    if batch_size is not None and len(labels) != batch_size:
-        raise ValueError(f"labels has {len(labels)} entries for a batch of {batch_size} images: one dict per image")
-    for image_index, target in enumerate(labels):
-        # any mapping: the image processor's labels are BatchFeature objects
-        if not isinstance(target, Mapping) or "class_labels" not in target or "boxes" not in target:
-            got = f"keys {sorted(target)}" if isinstance(target, Mapping) else type(target).__name__
-            raise ValueError(f"labels[{image_index}] must have 'class_labels' and 'boxes', got {got}")
-        classes, boxes = target["class_labels"], target["boxes"]
-        if not _is_integer_vector(classes):
-            what = f"{classes.dtype} of shape {tuple(classes.shape)}" if torch.is_tensor(classes) else type(classes).__name__
-            raise ValueError(f"labels[{image_index}]['class_labels'] must be an integer tensor [N], got {what}")
-        if not torch.is_tensor(boxes) or not boxes.is_floating_point():
-            what = boxes.dtype if torch.is_tensor(boxes) else type(boxes).__name__
-            raise ValueError(f"labels[{image_index}]['boxes'] must be a float tensor [N, 4], got {what}")
-        if boxes.ndim != 2 or boxes.shape[-1] != 4 or boxes.shape[0] != classes.shape[0]:
-            raise ValueError(
-                f"labels[{image_index}]: 'boxes' must be [N, 4] with N = len(class_labels) = {len(classes)}, "
-                f"got shape {tuple(boxes.shape)}"
-            )
-    if not labels:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, 4)
-    classes, boxes = torch.cat([t["class_labels"] for t in labels]), torch.cat([t["boxes"] for t in labels])
-    if classes.shape[0] == 0:
-        return classes, boxes
-    # One check over the whole batch from per-coordinate extremes (a few tensor ops, one host sync; NaN
-    # propagates through amin/amax and fails every comparison); only a failure pays for the search of
-    # the first bad annotation.
-    lowest, highest = boxes.amin(0), boxes.amax(0)
-    low_class, high_class = classes.aminmax()
-    good = torch.cat((lowest[:2] >= 0, lowest[2:] > 0, highest <= 1, torch.stack((low_class >= 0, high_class < num_labels))))
-    if good.all():
-        return classes, boxes
-    bad = _bad_boxes(boxes) | (classes < 0) | (classes >= num_labels)
-    position = int(bad.nonzero()[0])
-    sizes = torch.tensor([t["class_labels"].shape[0] for t in labels]).cumsum(0)
-    image_index = int((sizes <= position).sum())
-    position -= int(sizes[image_index - 1]) if image_index else 0
-    box, class_id = labels[image_index]["boxes"][position], int(labels[image_index]["class_labels"][position])
-    what = (
-        f"box {box.tolist()} is not a finite cxcywh box in [0, 1] with positive size"
-        if _bad_boxes(box[None])[0]
-        else f"class id {class_id} is outside [0, {num_labels})"
-    )
-    raise ValueError(f"labels[{image_index}], annotation {position}: {what}")
-
-
-def _is_integer_vector(values) -> bool:
-    integer = torch.is_tensor(values) and not (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool)
-    return integer and values.ndim == 1
-
-
-def _bad_boxes(boxes: torch.Tensor) -> torch.Tensor:
-    """[N, 4] cxcywh -> [N] True where a box is not finite, leaves [0, 1] or has no size."""
-    return ~(torch.isfinite(boxes).all(-1) & (boxes >= 0).all(-1) & (boxes <= 1).all(-1) & (boxes[:, 2:] > 0).all(-1))
-
-
-def num_boxes_across_processes(labels: list[dict], device: torch.device) -> float:
+def num_boxes_across_processes(targets: Targets, device: torch.device) -> float:
     """Target boxes in this batch, averaged over processes when torch.distributed runs, at least 1,
     so that every process normalises its loss by the same number."""
-    num_boxes = float(sum(target["class_labels"].shape[0] for target in labels))
+    num_boxes = float(targets.num_targets)
     if dist.is_available() and dist.is_initialized():
         total = torch.tensor(num_boxes, device=device)
         dist.all_reduce(total)
@@ -104,7 +41,6 @@ class SoftmaxCrossEntropy(nn.Module):
     Matching cost: -p(target class)."""
 
     sigmoid = False
-    matching_cost = "probability"
     targets_iou = False
 
     def __init__(self, num_labels: int, eos_coefficient: float = 0.1):
@@ -123,9 +59,15 @@ class SoftmaxCrossEntropy(nn.Module):
         self.class_weight.fill_(1.0)
         self.class_weight[-1] = self.eos_coefficient
 
-    def prepare(self, logits: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def prepare(logits: torch.Tensor) -> torch.Tensor:
         """[..., K+1] -> fp32 log-probabilities: what the loss takes, and the matcher's class cost too."""
         return logits.float().log_softmax(-1)
+
+    @staticmethod
+    def matching_cost(log_prob: torch.Tensor) -> torch.Tensor:
+        """The matcher's class term from the target class's log-probability: -p (DETR)."""
+        return log_prob.exp().neg_()
 
     def forward(self, log_probs, target_classes, target_ious, num_boxes) -> torch.Tensor:
         """log_probs [L, R, K+1], target_classes [L, R] (K: no object) -> [L]."""
@@ -145,10 +87,9 @@ class SoftmaxCrossEntropy(nn.Module):
 
 class SigmoidClassLoss(nn.Module):
     """Base of the sigmoid class losses: one sigmoid per real class, no "no object" class (an
-    unmatched query's targets are all 0). Matching cost: the focal cost."""
+    unmatched query's targets are all 0). Matching cost: the focal cost (Deformable DETR)."""
 
     sigmoid = True
-    matching_cost = "focal"
     targets_iou = False
 
     def __init__(self, num_labels: int, alpha: float, gamma: float = 2.0):
@@ -157,6 +98,14 @@ class SigmoidClassLoss(nn.Module):
 
     def prepare(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float()
+
+    def matching_cost(self, logit: torch.Tensor) -> torch.Tensor:
+        """The matcher's class term from the target class's logit: the focal loss of calling the query that
+        class, alpha (1 - p)^gamma (-log p), less its loss of calling it background, (1 - alpha) p^gamma (-log(1 - p))."""
+        p, alpha, gamma = logit.sigmoid(), self.alpha, self.gamma
+        positive = alpha * (1 - p) ** gamma * -(p + 1e-8).log()
+        negative = (1 - alpha) * p**gamma * -(1 - p + 1e-8).log()
+        return positive - negative
 
     def one_hot(self, target_classes: torch.Tensor) -> torch.Tensor:
         """[L, R] classes (K: no object) -> [L, R, K] float one-hot (all 0 for no object)."""
@@ -220,7 +169,7 @@ CLASS_LOSSES = {"softmax": SoftmaxCrossEntropy, "focal": SigmoidFocalLoss, "iou_
 
 class SetCriterion(nn.Module):
     """Args:
-    matcher: a `Matcher`, called as `matcher.match_pairs(logits, pred_boxes, labels, log_probs=...)` (see matching.py).
+    matcher: a `Matcher`, called as `matcher.match_pairs(logits, pred_boxes, targets, scores=...)` (see matching.py).
     class_loss: one of CLASS_LOSSES, built for the model's labels.
     ce_coefficient, bbox_coefficient, giou_coefficient: weights of the three terms in the total loss.
     """
@@ -250,76 +199,79 @@ class SetCriterion(nn.Module):
         if hasattr(self.class_loss, "reset_buffers"):
             self.class_loss.reset_buffers()
 
-    def forward(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict], queries=None):
+    def forward(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels, queries=None, encoder_predictions=None):
         """logits [L, B, T, C] and pred_boxes [L, B, T, 4] (cxcywh, 0..1) of every decoder layer, the
-        last being the final output; labels: per image {"class_labels": Long[N], "boxes": Float[N, 4]
-        cxcywh 0..1}; queries: the decoder's `DecoderQueries` when T holds more than one group of
-        queries (groups, denoising queries first), else None.
+        last being the final output; labels: the batch's `Targets`, or per image {"class_labels": Long[N],
+        "boxes": Float[N, 4] cxcywh 0..1}; queries: the decoder's `DecoderQueries` when T holds more than one
+        group of queries (groups, denoising queries first), else None; encoder_predictions: two-stage, the
+        encoder's (logits [B, S, C], pred_boxes [B, S, 4]) of every memory position, or None.
 
         -> (loss, loss_dict). loss_dict has "loss_ce", "loss_bbox", "loss_giou" for the final layer,
         the same with suffix "_{i}" for intermediate layer i, with denoising queries the same terms with
-        "_dn" before that suffix, and "cardinality_error" (a metric, not in loss).
+        "_dn" before that suffix, with encoder predictions the same terms with suffix "_enc", and
+        "cardinality_error" (a metric, not in loss).
         """
         num_layers = logits.shape[0]
-        check_labels(labels, self.class_loss.num_labels, logits.shape[1])
-        num_boxes = num_boxes_across_processes(labels, logits.device)
+        targets = check_labels(labels, self.class_loss.num_labels, logits.shape[1]).to(logits.device)
+        num_boxes = num_boxes_across_processes(targets, logits.device)
         num_groups = queries.num_groups if queries is not None else 1
-        num_denoising = queries.num_denoising if queries is not None else 0
+        matching = queries.matching_slice if queries is not None else slice(None)
 
         # Each group of queries is matched on its own: group g of image b is "image" b * G + g.
-        match_logits, match_boxes = logits[:, :, num_denoising:], pred_boxes[:, :, num_denoising:]
-        group_labels = labels
+        match_logits, match_boxes = logits[:, :, matching], pred_boxes[:, :, matching]
         if num_groups > 1:
             match_logits, match_boxes = (x.unflatten(2, (num_groups, -1)).flatten(1, 2) for x in (match_logits, match_boxes))
-            group_labels = [target for target in labels for _ in range(num_groups)]
-        per_layer = {"": self.set_terms(match_logits, match_boxes, group_labels, num_boxes * num_groups)}  # [3, L]
-        if num_denoising:
+        per_layer = {"": self.set_terms(match_logits, match_boxes, targets.repeated(num_groups), num_boxes * num_groups)}  # [3, L]
+        if queries is not None and queries.num_denoising:
             dn = queries.denoising  # the same pairs in every layer
             pairs = (torch.arange(num_layers).repeat_interleave(len(dn.query_idx)),) + tuple(
                 idx.repeat(num_layers) for idx in (dn.image_idx, dn.query_idx, dn.target_idx)
             )
-            dn_logits, dn_boxes = logits[:, :, :num_denoising], pred_boxes[:, :, :num_denoising]
-            per_layer["_dn"] = self.set_terms(dn_logits, dn_boxes, labels, num_boxes * dn.num_groups, pairs)
+            denoising = queries.denoising_slice
+            per_layer["_dn"] = self.set_terms(logits[:, :, denoising], pred_boxes[:, :, denoising], targets, num_boxes * dn.num_groups, pairs)
 
         loss = sum((terms.sum(1) * self.term_weights).sum() for terms in per_layer.values())
         loss_dict = {}
         for part, terms in per_layer.items():
             keys = [name + part + ("" if i == num_layers - 1 else f"_{i}") for name in self.weights for i in range(num_layers)]
             loss_dict.update(zip(keys, terms.flatten().unbind()))
-        loss_dict["cardinality_error"] = self.cardinality_error(match_logits[-1][: len(labels) * num_groups : num_groups], labels)
+        if encoder_predictions is not None:
+            # Deformable DETR's first stage: every memory position against the targets as one class, "an object"
+            encoder_logits, encoder_boxes = (x[None] for x in encoder_predictions)
+            terms = self.set_terms(encoder_logits, encoder_boxes, targets.relabelled(0), num_boxes)[:, 0]  # [3]
+            loss = loss + (terms * self.term_weights).sum()
+            loss_dict.update(zip((name + "_enc" for name in self.weights), terms.unbind()))
+        loss_dict["cardinality_error"] = self.cardinality_error(match_logits[-1][:: num_groups], targets)
         return loss, loss_dict
 
-    def set_terms(self, logits, pred_boxes, labels, num_boxes, pairs=None) -> torch.Tensor:
+    def set_terms(self, logits, pred_boxes, targets: Targets, num_boxes, pairs=None) -> torch.Tensor:
         """The three loss terms of every layer, [3, L] (class, L1, GIoU), for logits [L, B, Q, C] and
-        pred_boxes [L, B, Q, 4] against labels. pairs: the fixed (layer, image, query, target) pairs of
-        denoising queries (only those are supervised); None: the matcher pairs them, and every unmatched
-        query is trained towards "no object"."""
+        pred_boxes [L, B, Q, 4] against the targets (on the logits' device). pairs: the fixed (layer, image,
+        query, target) pairs of denoising queries (only those are supervised); None: the matcher pairs them,
+        and every unmatched query is trained towards "no object"."""
         num_layers, batch, num_queries = logits.shape[:3]
         device = logits.device
-        target_classes_all = torch.cat([t["class_labels"] for t in labels]).to(device, torch.long)
-        target_boxes_all = torch.cat([t["boxes"] for t in labels]).to(device, pred_boxes.dtype)
         # one pass over the logits serves the matcher's class cost (detached) and the class loss
         class_inputs = self.class_loss.prepare(logits)  # [L, B, Q, C]
         fixed = pairs is not None
         if not fixed:
-            log_probs = None if self.class_loss.sigmoid else class_inputs.detach()
-            pairs = self.matcher.match_pairs(logits.detach(), pred_boxes.detach(), labels, log_probs=log_probs)
+            pairs = self.matcher.match_pairs(logits.detach(), pred_boxes.detach(), targets, scores=class_inputs.detach())
         layer_idx, image_idx, query_idx, target_idx = pairs
         # Each pair as a row of the flattened [L * B * Q] predictions and of the concatenated targets.
-        offsets = torch.tensor([0] + [t["class_labels"].shape[0] for t in labels[:-1]]).cumsum(0)
         prediction_row = ((layer_idx * batch + image_idx) * num_queries + query_idx).to(device)
-        target_row = (target_idx + offsets[image_idx]).to(device)
+        target_row = (target_idx + targets.starts[image_idx]).to(device)
         layer_idx = layer_idx.to(device)
 
         # L1 and GIoU of the pairs (and their IoU, if the class loss targets it)
         matched_boxes = center_planes(pred_boxes.reshape(-1, 4).index_select(0, prediction_row))  # [5, M]
+        target_boxes = targets.boxes.to(pred_boxes.dtype)
         l1, giou, *iou = l1_and_generalized_box_iou_planes(
-            matched_boxes, center_planes(target_boxes_all).index_select(1, target_row), with_iou=self.class_loss.targets_iou
+            matched_boxes, center_planes(target_boxes).index_select(1, target_row), with_iou=self.class_loss.targets_iou
         )
 
         # Classification: with matching, every query has a target class, "no object" (= K) unless
         # matched; with fixed pairs, only the paired queries, each its target's class.
-        matched_classes = target_classes_all[target_row]
+        matched_classes = targets.class_labels[target_row]
         matched_ious = iou[0].detach().float() if iou else None
         if fixed:  # the same number of pairs in every layer, ordered by layer
             rows = class_inputs.reshape(-1, class_inputs.shape[-1]).index_select(0, prediction_row).view(num_layers, -1, class_inputs.shape[-1])
@@ -340,9 +292,9 @@ class SetCriterion(nn.Module):
         return torch.cat((loss_class[None], box_terms))  # [3, L]: class, L1, GIoU
 
     @torch.no_grad()
-    def cardinality_error(self, logits: torch.Tensor, labels: list[dict]) -> torch.Tensor:
+    def cardinality_error(self, logits: torch.Tensor, targets: Targets) -> torch.Tensor:
         """Mean absolute error between the number of queries predicting an object and the number of
         targets, per image (logged, never back-propagated)."""
         predicted = self.class_loss.predicts_object(logits).sum(1).float()
-        expected = torch.tensor([float(t["class_labels"].shape[0]) for t in labels], device=logits.device)
+        expected = torch.tensor(targets.sizes, dtype=torch.float32, device=logits.device)
         return (predicted - expected).abs().mean()

@@ -1,39 +1,45 @@
 """HfDetrModel and HfDetrForObjectDetection: DETR (Carion et al., 2020) and the later DETRs that change
-its queries and its matching, in data-flow order.
+its queries, its matching and its attention, in data-flow order.
 
     pixel_values [B, 3, H, W], pixel_mask [B, H, W]
-      -> backbone                      feature map [B, C, h, w] + mask [B, h, w]
-      -> 1x1 projection, sine position flattened features [B, h*w, D] + position embeddings [B, h*w, D]
-      -> encoder                       memory [B, h*w, D]
+      -> backbone                      feature maps [B, C_l, h_l, w_l] + masks, one per stage (backbone.py)
+      -> feature levels                1x1 projections (+ extra levels), sine positions (+ level embeddings),
+                                       flattened: EncoderMemory, features [B, S, D] (memory.py)
+      -> encoder                       memory [B, S, D], self-attention of the config's kind (layers.py)
+      -> (two-stage proposals)         every memory position scored and boxed; the top ones (memory.py)
       -> decoder queries               content queries (zeros in DETR) [B, T, D] + query positions [B, T, D]
                                        (+ reference points / boxes, self-attention mask: queries.py)
-      -> decoder                       every layer's normalised output [L, B, T, D] (+ its references)
-      -> shared heads                  logits [L, B, T, C], pred_boxes [L, B, T, 4] (sigmoid, cxcywh, 0..1)
-      -> set criterion (with labels)   loss, loss_dict
-    T = num_queries at inference; in training, + denoising queries and further query groups.
+      -> decoder                       every layer's output [L, B, T, D] (+ its references)
+      -> heads                         logits [L, B, T, C], pred_boxes [L, B, T, 4] (sigmoid, cxcywh, 0..1),
+                                       shared by all layers or one per layer (heads.py)
+      -> set criterion (with labels)   loss, loss_dict (loss.py, matching.py)
+    S = sum of h_l * w_l over the feature levels (one level in DETR). T = num_queries at inference; in
+    training, + denoising queries and further query groups.
 
 This file is part of the model surface: it is copied next to config.json on save, so it imports only
 torch, transformers and its siblings (single-dot relative imports).
 """
 
-import contextlib
-import math
 import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoBackbone, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .box_ops import inverse_sigmoid
+from .backbone import HfDetrBackbone
 from .configuration_hf_detr import HfDetrConfig
-from .kernels import apply_speed_kernels, padding_mask_or_none
+from .deformable import MultiScaleDeformableAttention
+from .heads import HfDetrHeads, start_at_prior
+from .kernels import apply_speed_kernels
 from .layers import MLP, HfDetrAttention, HfDetrDecoderLayer, HfDetrEncoderLayer, HfDetrMLP
-from .loss import CLASS_LOSSES, SetCriterion, check_labels
+from .loss import CLASS_LOSSES, SetCriterion
 from .matching import MATCHERS
-from .queries import QUERY_BUILDERS, DecoderQueries
+from .memory import EncoderMemory, EncoderProposals, HfDetrFeatureLevels
+from .queries import QUERY_BUILDERS, DecoderQueries, QueryBuilder
+from .targets import Targets, check_labels
 
 logger = logging.get_logger(__name__)
 
@@ -44,12 +50,20 @@ class HfDetrModelOutput(ModelOutput):
 
     last_hidden_state [B, Q, D]: the final decoder layer, normalised, for the Q queries a model predicts with.
     encoder_last_hidden_state [B, h*w, D]. Hidden states and attentions on request, one entry per layer.
+    encoder_last_hidden_state [B, S, D]: the memory, every feature level flattened (S = sum of h_l * w_l).
     intermediate_hidden_states [L, B, T, D] (with `output_intermediate_hidden_states`, by default when
-        config.auxiliary_loss): every decoder layer's output through the shared final norm, for all T
-        queries of the pass (query groups and denoising queries in training: see `decoder_queries`).
+        config.auxiliary_loss): every decoder layer's output (through the shared final norm, with
+        config.decoder_final_norm), for all T queries of the pass (query groups and denoising queries in
+        training: see `decoder_queries`).
     reference_boxes [L, B, T, 2 | 4] (with intermediate_hidden_states, for queries with references): per
-        layer, the reference points (cx, cy) or boxes (cxcywh) its boxes are predicted relative to.
-    decoder_queries (with `output_decoder_queries`): the decoder's start and the layout of the T queries."""
+        layer, the reference points (cx, cy) or boxes (cxcywh) its boxes are predicted relative to (where
+        box refinement turns points into boxes, the points are given as boxes of sides 0.5, whose
+        inverse-sigmoid is 0: the same predictions).
+    decoder_queries (with `output_decoder_queries`): the decoder's start and the layout of the T queries.
+    encoder_logits [B, S, C], encoder_pred_boxes [B, S, 4] (two-stage): the encoder stage's scores and boxes
+        (sigmoid, cxcywh) of every memory position, from which the decoder's references were taken.
+    Attentions: dense layers give probabilities [B, heads, T, S]; deformable ones (sampling_locations
+        [B, T, heads, levels, points, 2] (x, y) in 0..1 of each level, weights [B, T, heads, levels, points])."""
 
     last_hidden_state: torch.Tensor | None = None
     decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -61,6 +75,8 @@ class HfDetrModelOutput(ModelOutput):
     intermediate_hidden_states: torch.Tensor | None = None
     reference_boxes: torch.Tensor | None = None
     decoder_queries: DecoderQueries | None = None
+    encoder_logits: torch.Tensor | None = None
+    encoder_pred_boxes: torch.Tensor | None = None
 
 
 @dataclass
@@ -76,6 +92,7 @@ class HfDetrObjectDetectionOutput(ModelOutput):
         with labels, as in transformers' DETR: the pipeline splits every output field by image).
     reference_boxes [L, B, Q, 2 | 4]: per layer, the reference points / boxes its boxes are relative to
         (query types with references; sigmoid space, cxcywh).
+    encoder_logits [B, S, C], encoder_pred_boxes [B, S, 4] (two-stage): the encoder stage's predictions.
     Only the Q queries a model predicts with (query group 0) appear here, in training too.
     """
 
@@ -92,9 +109,11 @@ class HfDetrObjectDetectionOutput(ModelOutput):
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     encoder_attentions: tuple[torch.Tensor, ...] | None = None
     reference_boxes: torch.Tensor | None = None
+    encoder_logits: torch.Tensor | None = None
+    encoder_pred_boxes: torch.Tensor | None = None
 
 
-# ---------------------------------------------------------------------------------------------- backbone
+# ---------------------------------------------------------------------------------------------- inputs
 
 
 def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> None:
@@ -124,151 +143,11 @@ def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | No
         raise ValueError(f"pixel_mask of image(s) {empty} is all zeros: every image needs at least one real pixel")
 
 
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d with fixed statistics and affine parameters (DETR trains with small batches, so
-    batch statistics are never updated). eps 1e-5 as in torchvision's and transformers' versions.
-
-    `folded`: the convolution before it applies it (kernels.FoldedBatchNormConv2d), so this module
-    passes its input through; it still holds the buffers, under their keys."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps, self.folded = eps, False
-        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
-            self.register_buffer(name, torch.full((num_features,), value))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "num_batches_tracked", None)  # saved by nn.BatchNorm2d, meaningless here
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The affine map this layer applies per channel: y = x * scale + shift."""
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        return scale, self.bias - self.running_mean * scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.folded:
-            return x
-        scale, shift = self.scale_and_shift()
-        return x * scale[:, None, None] + shift[:, None, None]
-
-
-def freeze_batch_norm(module: nn.Module) -> None:
-    """Replace every nn.BatchNorm2d below `module` by a FrozenBatchNorm2d holding its statistics."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
-            if child.weight.device.type != "meta":
-                for buffer in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(frozen, buffer).copy_(getattr(child, buffer).detach())
-            setattr(module, name, frozen)
-        else:
-            freeze_batch_norm(child)
-
-
-@contextlib.contextmanager
-def no_attention_choice(backbone_config):
-    """The config's attention implementation ("sdpa", "eager") names the transformer's; a PreTrainedConfig hands it
-    on to its sub-configs, and transformers' CNN backbones, which have no attention, refuse "sdpa". They are built
-    with none chosen (their own default); the backbone config keeps the value it was given."""
-    saved = getattr(backbone_config, "_attn_implementation_internal", None)
-    if backbone_config is not None:
-        backbone_config._attn_implementation_internal = None
-    try:
-        yield
-    finally:
-        if backbone_config is not None:
-            backbone_config._attn_implementation_internal = saved
-
-
-class HfDetrBackbone(nn.Module):
-    """transformers' AutoBackbone (ResNet-50 last stage by default), or a timm `features_only` model
-    (`use_timm_backbone`, through transformers' TimmBackbone), with frozen batch norm.
-
-    pixel_values [B, 3, H, W], pixel_mask [B, H, W] (1 = real pixel, 0 = padding)
-    -> feature map [B, C, h, w], mask [B, h, w] (bool, True = real).
-
-    DETR trains the backbone except its stem and first stage (`freeze_backbone_stages`; for a timm
-    model its stem and first stages by timm's feature_info), none of it without `train_backbone`."""
-
-    def __init__(self, config: HfDetrConfig):
-        super().__init__()
-        self.timm = config.use_timm_backbone
-        with no_attention_choice(config.backbone_config):
-            is_early = self._build(config)
-        for name, parameter in self.model.named_parameters():
-            if not config.train_backbone or is_early(name):
-                parameter.requires_grad_(False)
-
-    def _build(self, config: HfDetrConfig):
-        """Builds self.model; -> whether a parameter name is in the stem or the frozen first stages."""
-        if self.timm:
-            kwargs = {k: v for k, v in (config.backbone_kwargs or {}).items() if k not in ("out_indices", "output_stride")}
-            backbone = AutoBackbone.from_config(config.backbone_config, pretrained=config.use_pretrained_backbone, **kwargs)
-            if config.freeze_backbone_batch_norm:
-                backbone.freeze_batch_norm_2d()  # timm's own, for its BatchNorm2d and BatchNormAct2d
-            self.model = backbone._backbone  # timm's module: its parameters keep timm's names (as DETR's published weights)
-            self.num_channels = self.model.feature_info.channels()[-1]
-            return self._timm_early_parameters(config.freeze_backbone_stages).__contains__
-        else:
-            if config.use_pretrained_backbone:
-                self.model = AutoBackbone.from_pretrained(config.backbone_checkpoint, out_features=config.backbone_config.out_features)
-            else:
-                self.model = AutoBackbone.from_config(config.backbone_config)
-            if config.freeze_backbone_batch_norm:
-                with torch.no_grad():
-                    freeze_batch_norm(self.model)
-            self.num_channels = self.model.channels[-1]
-            prefixes = ("embedder.",) + tuple(f"encoder.stages.{i}." for i in range(config.freeze_backbone_stages))
-            resnet = config.backbone_config.model_type == "resnet"
-            return lambda name: resnet and config.freeze_backbone_stages > 0 and name.startswith(prefixes)
-
-    def _timm_early_parameters(self, stages: int) -> set[str]:
-        """The timm model's parameters up to the end of its `stages`-th stage, a stage being a feature level
-        of stride 4 or more (ResNet: layer1 with stages=1; whatever comes before is the stem)."""
-        levels = [level["module"] for level in self.model.feature_info.info if level["reduction"] >= 4]
-        if stages == 0 or not levels:
-            return set()
-        last = levels[min(stages, len(levels)) - 1]
-        prefixes = (last + ".", last.replace(".", "_") + ".")  # features_only models may flatten module names
-        names = [name for name, _ in self.model.named_parameters()]
-        end = max(i for i, name in enumerate(names) if name.startswith(prefixes))
-        return set(names[: end + 1])
-
-    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model(pixel_values)
-        feature_map = features[-1] if self.timm else features.feature_maps[-1]
-        mask = F.interpolate(pixel_mask[None].float(), size=feature_map.shape[-2:])[0].bool()
-        return feature_map, mask
-
-
-def sine_position_embedding(mask: torch.Tensor, d_model: int, temperature: int, dtype: torch.dtype) -> torch.Tensor:
-    """DETR's 2D sine position embedding that counts only real (un-padded) positions.
-
-    mask [B, h, w] (True = real) -> [B, h*w, d_model]: the first half encodes y, the second x, each as
-    interleaved sin/cos of the position normalised to (0, 2*pi] over the real extent."""
-    num_features = d_model // 2
-    y = mask.cumsum(1, dtype=dtype)
-    x = mask.cumsum(2, dtype=dtype)
-    eps, scale = 1e-6, 2 * math.pi
-    y = y / (y[:, -1:, :] + eps) * scale
-    x = x / (x[:, :, -1:] + eps) * scale
-    dim_t = torch.arange(num_features, device=mask.device, dtype=torch.int64).to(dtype)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_features)
-    pos_x = x[..., None] / dim_t
-    pos_y = y[..., None] / dim_t
-    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
-    return torch.cat((pos_y, pos_x), dim=3).flatten(1, 2)
-
-
 # ------------------------------------------------------------------------------------------ transformer
 
 
 class HfDetrEncoder(nn.Module):
-    """The encoder layers; `scale_encoder_positions` (DAB-DETR): each layer's positions scaled
+    """The encoder layers over the memory; `scale_encoder_positions` (DAB-DETR): each layer's positions scaled
     element-wise by an MLP of its input."""
 
     def __init__(self, config: HfDetrConfig):
@@ -280,40 +159,38 @@ class HfDetrEncoder(nn.Module):
         self.layernorm = nn.LayerNorm(d) if config.normalize_before else nn.Identity()
         self.dropout = config.dropout
 
-    def forward(self, features, position_embeddings, mask, output_attentions=False, output_hidden_states=False):
-        """features, position_embeddings [B, S, D], mask [B, S] (True = real; None: nothing padded)
-        -> memory [B, S, D], states, attentions."""
-        hidden_states = F.dropout(features, self.dropout, self.training)
-        key_padding_mask = None if mask is None else mask[:, None, None, :]
+    def forward(self, memory: EncoderMemory, output_attentions=False, output_hidden_states=False):
+        """memory: the feature levels -> (the same with features [B, S, D] encoded, states, attentions)."""
+        hidden_states = F.dropout(memory.features, self.dropout, self.training)
+        reference_points = memory.reference_points() if self.layers and self.layers[0].self_attn.needs_reference_points else None
         all_states, all_weights = (hidden_states,), ()
         for layer in self.layers:
-            position = position_embeddings if self.position_scale is None else position_embeddings * self.position_scale(hidden_states)
-            hidden_states, weights = layer(hidden_states, position, key_padding_mask, output_attentions)
+            position = memory.position if self.position_scale is None else memory.position * self.position_scale(hidden_states)
+            hidden_states, weights = layer(hidden_states, position, memory, reference_points, output_attentions)
             all_states += (hidden_states,)
             all_weights += (weights,)
-        hidden_states = self.layernorm(hidden_states)
-        return hidden_states, all_states if output_hidden_states else None, all_weights if output_attentions else None
+        memory = memory.replace(features=self.layernorm(hidden_states))
+        return memory, all_states if output_hidden_states else None, all_weights if output_attentions else None
 
 
 class HfDetrDecoder(nn.Module):
     """The decoder layers, fed and refined by the query builder."""
 
-    def __init__(self, config: HfDetrConfig, spatial_cross_attention: bool = False):
+    def __init__(self, config: HfDetrConfig):
         super().__init__()
-        self.layers = nn.ModuleList(
-            HfDetrDecoderLayer(config, spatial_cross_attention, first_layer=i == 0) for i in range(config.decoder_layers)
-        )
-        self.layernorm = nn.LayerNorm(config.d_model)  # shared by all layers' outputs before the heads
+        self.layers = nn.ModuleList(HfDetrDecoderLayer(config, first_layer=i == 0) for i in range(config.decoder_layers))
+        # DETR: one norm shared by all layers' outputs before the heads; Deformable DETR has none
+        self.layernorm = nn.LayerNorm(config.d_model) if config.decoder_final_norm else nn.Identity()
         self.normalize_between_layers = config.normalize_between_decoder_layers
 
     def forward(
-        self, builder, queries: DecoderQueries, memory, memory_position, memory_mask, box_head=None,
+        self, builder: QueryBuilder, heads: HfDetrHeads, queries: DecoderQueries, memory: EncoderMemory,
         output_attentions=False, output_hidden_states=False,
     ):  # fmt: skip
-        """builder: the query builder (queries.py); queries: its start; memory, memory_position [B, S, D];
-        memory_mask [B, S] or None; box_head: the shared box head, for builders that refine their
-        references with it -> (every layer's output through the shared final norm [L, B, T, D], the
-        references its boxes are relative to [L, B, T, r] or None, states, self- and cross-attentions).
+        """builder: the query builder (queries.py); heads: the model's heads, whose box heads refine the
+        references of builders that refine; queries: the builder's start; memory: the encoder's
+        -> (every layer's output [L, B, T, D], the references its boxes are relative to [L, B, T, r] or None,
+        states, self- and cross-attentions).
 
         As in the original DETR, the norm is applied to what goes to the heads only; each layer
         receives the previous layer's un-normalised output. With `normalize_between_decoder_layers`
@@ -322,42 +199,33 @@ class HfDetrDecoder(nn.Module):
         hidden_states, reference, prediction_reference = queries.content, queries.reference, queries.reference
         outputs, references = [], []
         all_states, self_weights, cross_weights = (hidden_states,), (), ()
-        memory_key = None if builder.spatial_cross_attention else memory + memory_position  # DETR's cross-attention keys
-        memory_mask = None if memory_mask is None else memory_mask[:, None, None, :]
         for i, layer in enumerate(self.layers):
             query_position, spatial_query = builder.layer_positions(i, hidden_states, queries, reference)
             hidden_states, self_w, cross_w = layer(
-                hidden_states, query_position, spatial_query, memory, memory_position, memory_key, memory_mask,
+                hidden_states, query_position, spatial_query, reference, memory.features, memory.position, memory,
                 queries.self_attention_mask, output_attentions,
             )  # fmt: skip
             outputs.append(self.layernorm(hidden_states))
             if self.normalize_between_layers:
                 hidden_states = outputs[-1]
             references.append(prediction_reference)
-            reference, prediction_reference = builder.refine(i, hidden_states, reference, box_head)
+            reference, prediction_reference = builder.refine(i, hidden_states, reference, heads.box_head(i))
             all_states += (hidden_states,)
             self_weights += (self_w,)
             cross_weights += (cross_w,)
         if self.normalize_between_layers:
             outputs[-1] = self.layernorm(outputs[-1])
-        references = torch.stack(references) if queries.reference is not None else None
         attentions = (self_weights, cross_weights) if output_attentions else (None, None)
-        return torch.stack(outputs), references, all_states if output_hidden_states else None, *attentions
+        return torch.stack(outputs), stack_references(references), all_states if output_hidden_states else None, *attentions
 
 
-class HfDetrBoxHead(MLP):
-    """DETR's 3-layer box MLP: [..., D] -> [..., 4] boxes (sigmoid, cxcywh, 0..1). Given reference points
-    or boxes [..., r] (sigmoid space), it predicts offsets to them: sigmoid(delta + inverse_sigmoid(reference))
-    on the first r coordinates (Conditional DETR: the centre; DAB-DETR: the whole box)."""
-
-    def __init__(self, d_model: int, num_layers: int = 3):
-        super().__init__(d_model, d_model, 4, num_layers)
-
-    def forward(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
-        delta = super().forward(x)
-        if reference is not None:
-            delta = delta + F.pad(inverse_sigmoid(reference), (0, 4 - reference.shape[-1]))
-        return delta.sigmoid()
+def stack_references(references: list) -> torch.Tensor | None:
+    """Per layer [B, T, 2 | 4] -> [L, B, T, r]. Where box refinement turned reference points into boxes, the
+    points become boxes of sides 0.5: inverse-sigmoid 0, so the box head predicts the same boxes from them."""
+    if references[0] is None:
+        return None
+    size = max(reference.shape[-1] for reference in references)
+    return torch.stack([F.pad(reference, (0, size - reference.shape[-1]), value=0.5) for reference in references])
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -371,6 +239,12 @@ AUTO_MAP = {
     "AutoModelForObjectDetection": "modeling_hf_detr.HfDetrForObjectDetection",
 }
 FOCAL_PRIOR_PROBABILITY = 0.01  # sigmoid class heads start at p = 0.01 per class (RetinaNet, Deformable DETR)
+# Keys of hf_detr checkpoints saved before the heads and input projections moved into HfDetrModel -> today's
+LEGACY_KEYS = {
+    r"^class_labels_classifier\.": "model.heads.class_heads.0.",
+    r"^bbox_predictor\.": "model.heads.box_heads.0.",
+    r"^model\.input_projection\.": "model.feature_levels.projections.0.",
+}
 # from_pretrained's arguments that say where a checkpoint is (on the Hub, in its cache)
 HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
@@ -396,6 +270,10 @@ class HfDetrPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["HfDetrEncoderLayer", "HfDetrDecoderLayer"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # model_type -> a function converting such a checkpoint (a folder or Hub id) to an HfDetrForObjectDetection.
+    # `import hf_detr` fills it (hf_detr/convert.py): the model files know no converter, so a saved checkpoint
+    # carries the model's code only; loaded as remote code without hf_detr, other families are refused by name.
+    checkpoint_converters: dict = {}
 
     def post_init(self):
         super().post_init()
@@ -403,27 +281,35 @@ class HfDetrPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' `from_pretrained`; a checkpoint of transformers' DETR, Conditional DETR or DAB-DETR (a
-        folder or Hub id whose config.json has model_type "detr", "conditional_detr" or "dab-detr", such as
-        facebook/detr-resnet-50) is converted on the fly (`hf_detr.convert`, logged), then loaded with the
-        same arguments (new labels, `ignore_mismatched_sizes`, dtype, ...). `save_pretrained` the result to
-        skip the conversion next time."""
-        from .convert import CONFIG_CONVERTERS, convert_checkpoint  # convert.py imports this file
-
+        """transformers' `from_pretrained`; a checkpoint of another family that hf_detr converts (with hf_detr
+        installed: transformers' DETR, Conditional DETR, DAB-DETR and Deformable DETR, a folder or Hub id whose
+        config.json names their model_type, such as facebook/detr-resnet-50) is converted on the fly
+        (`hf_detr.convert`, logged), then loaded with the same arguments (new labels, `ignore_mismatched_sizes`,
+        dtype, ...). `save_pretrained` the result to skip the conversion next time. A checkpoint of any other
+        family is a ValueError naming its model_type. hf_detr checkpoints saved with an older key layout load too."""
         hub_arguments = {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
         model_type = checkpoint_model_type(pretrained_model_name_or_path, **hub_arguments)
-        if model_type not in CONFIG_CONVERTERS:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if model_type in (None, HfDetrConfig.model_type) or kwargs.get("config") is not None:
+            kwargs.setdefault("key_mapping", LEGACY_KEYS)
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True
+            loaded._weight_conversions = None  # saved again in today's layout, not the one it was read in
+            return model
+        if model_type not in cls.checkpoint_converters:
+            convertible = f"it converts {sorted(cls.checkpoint_converters)}" if cls.checkpoint_converters else "install hf_detr to convert other families"
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a {model_type!r} checkpoint, not an hf_detr one, and hf_detr cannot convert it ({convertible})"
+            )
         logger.warning(
             f"{pretrained_model_name_or_path} is a transformers {model_type!r} checkpoint: converting it to "
             f"hf_detr on the fly (save_pretrained the result to skip this next time)"
         )
-        converted = convert_checkpoint(pretrained_model_name_or_path, revision=hub_arguments.get("revision"))
+        converted = cls.checkpoint_converters[model_type](pretrained_model_name_or_path, revision=hub_arguments.get("revision"))
         local_arguments = {name: value for name, value in kwargs.items() if name not in HUB_ARGUMENTS}
         with tempfile.TemporaryDirectory() as folder:
             converted.save_pretrained(folder)
             model = super().from_pretrained(folder, *model_args, **local_arguments)
-        loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True
+        loaded = model[0] if isinstance(model, tuple) else model
         loaded.config._name_or_path = str(pretrained_model_name_or_path)
         return model
 
@@ -447,11 +333,12 @@ class HfDetrPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         # DETR's init: xavier-uniform transformer weights (gain `init_xavier_std`) with zero biases, torch's
-        # default for the heads, the input projection and the query builders' modules (each module's own
-        # `reset_parameters`: a builder owns its init through the modules it is made of); the backbone
-        # keeps its own init (or weights). transformers calls this for every module whose weights a
-        # checkpoint lacks (e.g. a class head resized by `ignore_mismatched_sizes`), children before parents.
-        if isinstance(module, nn.Linear | nn.Conv2d | nn.Embedding):
+        # default for the input projections and the queries' modules, then each of our modules' own
+        # `reset_parameters` (Deformable DETR's sampling offsets, level embeddings, the heads' priors, a query
+        # builder's own); the backbone keeps its own init (or weights). transformers calls this for every
+        # module whose weights a checkpoint lacks (e.g. a class head resized by `ignore_mismatched_sizes`),
+        # children before parents.
+        if isinstance(module, nn.Linear | nn.Conv2d | nn.Embedding | nn.GroupNorm):
             module.reset_parameters()
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
@@ -463,26 +350,32 @@ class HfDetrPreTrainedModel(PreTrainedModel):
                     nn.init.zeros_(linear.bias)
         elif isinstance(module, SetCriterion):
             module.reset_buffers()
-        elif isinstance(module, HfDetrForObjectDetection):
-            if module.criterion.class_loss.sigmoid:
-                prior = FOCAL_PRIOR_PROBABILITY
-                nn.init.constant_(module.class_labels_classifier.bias, -math.log((1 - prior) / prior))
-            if module.model.queries.reference_size:  # the first boxes are the references themselves
-                nn.init.zeros_(module.bbox_predictor.layers[-1].weight)
-                nn.init.zeros_(module.bbox_predictor.layers[-1].bias)
+        elif isinstance(module, MultiScaleDeformableAttention | HfDetrHeads | HfDetrFeatureLevels | QueryBuilder):
+            module.reset_parameters()
+        elif isinstance(module, EncoderProposals):
+            module.box_head.start_at_reference()
+            if CLASS_LOSSES[self.config.class_loss].sigmoid:
+                start_at_prior(module.class_head, FOCAL_PRIOR_PROBABILITY)
 
 
 class HfDetrModel(HfDetrPreTrainedModel):
-    """Backbone + transformer, without heads. forward(pixel_values [B, 3, H, W], pixel_mask [B, H, W])
-    -> HfDetrModelOutput."""
+    """Backbone + transformer + the prediction heads the decoder refines its references with.
+    forward(pixel_values [B, 3, H, W], pixel_mask [B, H, W]) -> HfDetrModelOutput."""
 
     def __init__(self, config: HfDetrConfig):
         super().__init__(config)
         self.backbone = HfDetrBackbone(config)
-        self.input_projection = nn.Conv2d(self.backbone.num_channels, config.d_model, kernel_size=1)
-        self.queries = QUERY_BUILDERS[config.query_type].from_config(config)
+        self.feature_levels = HfDetrFeatureLevels(config, self.backbone.channels)
         self.encoder = HfDetrEncoder(config)
-        self.decoder = HfDetrDecoder(config, self.queries.spatial_cross_attention)
+        num_classes = config.num_labels + (0 if CLASS_LOSSES[config.class_loss].sigmoid else 1)
+        self.proposals = EncoderProposals(config.d_model, num_classes, config.num_queries) if config.two_stage else None
+        self.queries = QUERY_BUILDERS[config.query_type].from_config(config)
+        self.decoder = HfDetrDecoder(config)
+        self.heads = HfDetrHeads(
+            config.d_model, num_classes, config.decoder_layers, per_layer=config.with_box_refine,
+            prior_probability=FOCAL_PRIOR_PROBABILITY if CLASS_LOSSES[config.class_loss].sigmoid else None,
+            start_at_reference=self.queries.reference_size > 0, box_size_logit=getattr(self.queries, "box_size_logit", 0.0),
+        )  # fmt: skip
         self.post_init()
 
     def forward(
@@ -492,15 +385,12 @@ class HfDetrModel(HfDetrPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        labels: list[dict] | None = None,
-        box_head: nn.Module | None = None,
+        labels: list[dict] | Targets | None = None,
         output_intermediate_hidden_states: bool | None = None,
         output_decoder_queries: bool = False,
         **kwargs,
     ) -> HfDetrModelOutput | tuple:
         """labels: the targets, for builders that make denoising queries from them in training;
-        box_head: the shared box head, for builders that refine their references with it (given by
-        HfDetrForObjectDetection; without it, anchors are not refined);
         output_intermediate_hidden_states (default: config.auxiliary_loss) and output_decoder_queries:
         see HfDetrModelOutput."""
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -510,48 +400,48 @@ class HfDetrModel(HfDetrPreTrainedModel):
         batch, _, height, width = pixel_values.shape
         if pixel_mask is None:
             pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)
+        targets = None if labels is None else check_labels(labels, self.config.num_labels, batch)
 
-        feature_map, mask = self.backbone(pixel_values, pixel_mask)
-        features = self.input_projection(feature_map).flatten(2).transpose(1, 2)
-        position = sine_position_embedding(mask, self.config.d_model, self.config.position_embedding_temperature, features.dtype)
-        mask = padding_mask_or_none(mask.flatten(1))
-        memory, encoder_states, encoder_attentions = self.encoder(features, position, mask, output_attentions, output_hidden_states)
-        queries = self.queries(batch, memory, mask, labels)
+        stages = self.backbone(pixel_values, pixel_mask)
+        memory = self.feature_levels(stages, pixel_mask)
+        memory, encoder_states, encoder_attentions = self.encoder(memory, output_attentions, output_hidden_states)
+        proposals = self.proposals(memory) if self.proposals is not None else None
+        queries = self.queries(batch, memory, proposals, targets)
         decoded, references, decoder_states, self_attentions, cross_attentions = self.decoder(
-            self.queries, queries, memory, position, mask, box_head, output_attentions, output_hidden_states
+            self.queries, self.heads, queries, memory, output_attentions, output_hidden_states
         )
 
         if output_intermediate_hidden_states is None:
             output_intermediate_hidden_states = self.config.auxiliary_loss
         output = HfDetrModelOutput(
-            last_hidden_state=decoded[-1, :, queries.num_denoising :][:, : self.config.num_queries],
+            last_hidden_state=decoded[-1, :, queries.prediction_slice],
             decoder_hidden_states=decoder_states,
             decoder_attentions=self_attentions,
             cross_attentions=cross_attentions,
-            encoder_last_hidden_state=memory,
+            encoder_last_hidden_state=memory.features,
             encoder_hidden_states=encoder_states,
             encoder_attentions=encoder_attentions,
             intermediate_hidden_states=decoded if output_intermediate_hidden_states else None,
             reference_boxes=references if output_intermediate_hidden_states else None,
             decoder_queries=queries if output_decoder_queries else None,
+            encoder_logits=None if proposals is None else proposals.logits,
+            encoder_pred_boxes=None if proposals is None else proposals.pred_boxes,
         )
         return output if return_dict else output.to_tuple()
 
 
 class HfDetrForObjectDetection(HfDetrPreTrainedModel):
-    """HfDetrModel + the class head and box head, the same two heads applied to every decoder layer.
-    With labels, the loss of every layer (auxiliary_loss). The class loss (`config.class_loss`) fixes
-    the class head's size: num_labels + 1 (last: no object) for softmax, num_labels for sigmoid losses."""
+    """HfDetrModel + the set criterion. Every decoder layer's output goes through the model's class and box
+    heads (the same two for all layers in DETR); with labels, the loss of every layer (auxiliary_loss). The
+    class loss (`config.class_loss`) fixes the class head's size: num_labels + 1 (last: no object) for
+    softmax, num_labels for sigmoid losses."""
 
     def __init__(self, config: HfDetrConfig):
         super().__init__(config)
         self.model = HfDetrModel(config)
         class_loss = CLASS_LOSSES[config.class_loss].from_config(config)
-        self.class_labels_classifier = nn.Linear(config.d_model, config.num_labels + (0 if class_loss.sigmoid else 1))
-        self.bbox_predictor = HfDetrBoxHead(config.d_model)
-        matcher = MATCHERS[config.matcher_type].from_config(config, class_cost_type=class_loss.matching_cost)
         self.criterion = SetCriterion(
-            matcher,
+            MATCHERS[config.matcher_type].from_config(config, class_loss),
             class_loss,
             ce_coefficient=config.ce_loss_coefficient,
             bbox_coefficient=config.bbox_loss_coefficient,
@@ -572,25 +462,26 @@ class HfDetrForObjectDetection(HfDetrPreTrainedModel):
         """pixel_values [B, 3, H, W] (normalised), pixel_mask [B, H, W] (1 = real pixel, 0 = padding),
         labels: per image {"class_labels": Long[N], "boxes": Float[N, 4] cxcywh normalised 0..1}."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        if labels is not None:
-            check_labels(labels, self.config.num_labels, pixel_values.shape[0])  # before any query is made from them
+        # checked once, before any query is made from them
+        targets = None if labels is None else check_labels(labels, self.config.num_labels, pixel_values.shape[0])
         outputs = self.model(
-            pixel_values, pixel_mask, output_attentions, output_hidden_states, return_dict=True, labels=labels,
-            box_head=self.bbox_predictor, output_intermediate_hidden_states=True, output_decoder_queries=True,
+            pixel_values, pixel_mask, output_attentions, output_hidden_states, return_dict=True, labels=targets,
+            output_intermediate_hidden_states=True, output_decoder_queries=True,
         )  # fmt: skip
 
-        # the same heads on every decoder layer: [L, B, T, C] and [L, B, T, 4]
-        decoded, references = outputs.intermediate_hidden_states, outputs.reference_boxes
+        # the heads on every decoder layer: [L, B, T, C] and [L, B, T, 4]
+        decoded, references, first_layer = outputs.intermediate_hidden_states, outputs.reference_boxes, 0
         if not self.config.auxiliary_loss:
-            decoded, references = decoded[-1:], None if references is None else references[-1:]
-        all_logits, all_boxes = self.layer_predictions(decoded, references)
+            decoded, references, first_layer = decoded[-1:], None if references is None else references[-1:], decoded.shape[0] - 1
+        all_logits, all_boxes = self.model.heads(decoded, references, first_layer)
 
+        queries = outputs.decoder_queries
         loss = loss_dict = None
-        if labels is not None:
-            loss, loss_dict = self.criterion(all_logits, all_boxes, labels, outputs.decoder_queries)
-        # what the model predicts with: query group 0, after any denoising queries
-        group_0 = slice(outputs.decoder_queries.num_denoising, outputs.decoder_queries.num_denoising + self.config.num_queries)
-        all_logits, all_boxes = all_logits[:, :, group_0], all_boxes[:, :, group_0]
+        if targets is not None:
+            encoder = None if outputs.encoder_logits is None else (outputs.encoder_logits, outputs.encoder_pred_boxes)
+            loss, loss_dict = self.criterion(all_logits, all_boxes, targets, queries, encoder)
+        predicted = queries.prediction_slice
+        all_logits, all_boxes = all_logits[:, :, predicted], all_boxes[:, :, predicted]
         auxiliary_outputs = None
         if self.config.auxiliary_loss and labels is not None:
             auxiliary_outputs = [{"logits": logits, "pred_boxes": boxes} for logits, boxes in zip(all_logits[:-1], all_boxes[:-1])]
@@ -608,14 +499,11 @@ class HfDetrForObjectDetection(HfDetrPreTrainedModel):
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
             encoder_attentions=outputs.encoder_attentions,
-            reference_boxes=None if outputs.reference_boxes is None else outputs.reference_boxes[:, :, group_0],
+            reference_boxes=None if outputs.reference_boxes is None else outputs.reference_boxes[:, :, predicted],
+            encoder_logits=outputs.encoder_logits,
+            encoder_pred_boxes=outputs.encoder_pred_boxes,
         )
         return output if return_dict else output.to_tuple()
-
-    def layer_predictions(self, hidden_states: torch.Tensor, references: torch.Tensor | None = None):
-        """The shared heads on decoder outputs: hidden_states [L, B, T, D] (intermediate_hidden_states),
-        references [L, B, T, r] or None -> (logits [L, B, T, C], pred_boxes [L, B, T, 4])."""
-        return self.class_labels_classifier(hidden_states), self.bbox_predictor(hidden_states, references)
 
 
 # Saving a model copies the model-surface files next to config.json (remote code loading).

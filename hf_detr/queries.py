@@ -1,19 +1,22 @@
 """Decoder query builders: what the decoder starts from, and what each of its layers is given. The
 extension point for query variants (`QUERY_BUILDERS`, `HfDetrConfig.query_type`).
 
-A builder is a `QueryBuilder`. The decoder calls it three ways:
+A builder is a `QueryBuilder`. The model calls it three ways:
 
-- `builder(batch_size, memory, memory_mask, labels)` -> `DecoderQueries`: the decoder's start. Content
+- `builder(batch_size, memory, proposals, targets)` -> `DecoderQueries`: the decoder's start. Content
   queries [B, T, D] (the first layer's input hidden states), optional learned query positions
   [B, T, D], optional reference points or boxes [B, T, 2 | 4] (sigmoid space, cxcywh), an optional
   self-attention mask [T, T], and the layout of the T queries: denoising queries first (training with
-  labels), then `num_groups` groups of `num_queries` (all groups in training, group 0 alone otherwise).
+  targets), then `num_groups` groups of `num_queries` (all groups in training, group 0 alone otherwise).
+  `memory` is the encoder's `EncoderMemory`, `proposals` the two-stage `Proposals` (or None), `targets`
+  the batch's `Targets` in training (or None).
 - `builder.layer_positions(layer, hidden_states, queries, reference)` before each decoder layer ->
   (query position [B, T, D], spatial query [B, T, D] or None). The decoder's layers add the query
-  position to queries and self-attention keys; builders with `spatial_cross_attention` also give a
-  spatial query, which those layers' cross-attention concatenates to the content query per head.
-- `builder.refine(layer, hidden_states, reference, box_head)` after each layer -> (the reference for the
-  next layer, the reference the next layer's boxes are predicted relative to).
+  position to queries and self-attention keys; builders made with `spatial_query` (for Conditional
+  DETR's cross-attention, config.decoder_cross_attention "spatial") also give a spatial query, which that
+  cross-attention concatenates to the content query per head. The builder never picks the attention.
+- `builder.refine(layer, hidden_states, reference, box_head)` after each layer, with that layer's box
+  head -> (the reference for the next layer, the reference the next layer's boxes are predicted relative to).
 
 A builder owns its parameters' initialisation through the modules it is made of (the model's
 `_init_weights` calls each module's own `reset_parameters`). A new variant is a subclass here, one entry
@@ -29,6 +32,7 @@ from torch import nn
 
 from .box_ops import inverse_sigmoid
 from .layers import MLP
+from .targets import Targets
 
 
 @dataclass
@@ -50,9 +54,24 @@ class DecoderQueries:
     position: torch.Tensor | None = None  # [B, T, D] learned query positions, or None if derived per layer
     reference: torch.Tensor | None = None  # [B, T, 2 | 4] reference points / boxes, sigmoid space, cxcywh
     self_attention_mask: torch.Tensor | None = None  # [T, T] bool, True where a query may attend to a query
+    num_queries: int = 0  # queries per group
     num_groups: int = 1
     num_denoising: int = 0
     denoising: DenoisingPairs | None = None
+
+    @property
+    def prediction_slice(self) -> slice:
+        """The queries the model predicts with: group 0, after any denoising queries."""
+        return slice(self.num_denoising, self.num_denoising + self.num_queries)
+
+    @property
+    def matching_slice(self) -> slice:
+        """The queries matched to the targets: every group, after any denoising queries."""
+        return slice(self.num_denoising, None)
+
+    @property
+    def denoising_slice(self) -> slice:
+        return slice(0, self.num_denoising)
 
 
 def box_sine_embedding(coords: torch.Tensor, num_features: int, temperature: int = 10000) -> torch.Tensor:
@@ -95,7 +114,6 @@ class QueryBuilder(nn.Module):
     """Base of the builders: the group layout and the default per-layer behaviour (a fixed position,
     no spatial query, no refinement)."""
 
-    spatial_cross_attention = False  # True: the layers' cross-attention takes a spatial query (Conditional DETR)
     reference_size = 0  # coordinates of the reference (0: none, 2: points, 4: boxes)
 
     def __init__(self, num_queries: int, num_groups: int = 1):
@@ -103,16 +121,20 @@ class QueryBuilder(nn.Module):
         if num_groups < 1:
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
         self.num_queries, self.num_groups = num_queries, num_groups
+        self.spatial_query = False  # whether layer_positions gives a spatial query
 
     @classmethod
     def from_config(cls, config) -> "QueryBuilder":
         return cls(num_queries=config.num_queries, d_model=config.d_model, num_groups=config.num_query_groups)
 
+    def reset_parameters(self) -> None:
+        """A builder's own init, after its modules' default one (none by default)."""
+
     def groups_in_pass(self) -> int:
         """All groups while training (Group DETR's one-to-many supervision), group 0 alone otherwise."""
         return self.num_groups if self.training else 1
 
-    def forward(self, batch_size: int, memory=None, memory_mask=None, labels=None) -> DecoderQueries:
+    def forward(self, batch_size: int, memory=None, proposals=None, targets: Targets | None = None) -> DecoderQueries:
         raise NotImplementedError
 
     def layer_positions(self, layer: int, hidden_states, queries: DecoderQueries, reference):
@@ -134,7 +156,7 @@ class DetrQueries(QueryBuilder):
         super().__init__(num_queries, num_groups)
         self.position_embeddings = nn.Embedding(num_groups * num_queries, d_model)
 
-    def forward(self, batch_size: int, memory=None, memory_mask=None, labels=None) -> DecoderQueries:
+    def forward(self, batch_size: int, memory=None, proposals=None, targets=None) -> DecoderQueries:
         groups = self.groups_in_pass()
         weight = self.position_embeddings.weight
         position = weight[: groups * self.num_queries].unsqueeze(0).expand(batch_size, -1, -1)
@@ -142,31 +164,40 @@ class DetrQueries(QueryBuilder):
             content=torch.zeros_like(position),
             position=position,
             self_attention_mask=group_attention_mask(groups, self.num_queries, device=weight.device),
+            num_queries=self.num_queries,
             num_groups=groups,
         )
 
 
 class ConditionalQueries(DetrQueries):
     """Conditional DETR (Meng et al., 2021): DETR's zero content queries and learned positions, plus a
-    2-D reference point per query, sigmoid(MLP(position)). Cross-attention gets a spatial query, the
-    sine embedding of that point scaled element-wise by an MLP of the layer's input (identity at the
-    first layer), which each head concatenates to its content query; boxes are predicted relative to
-    the point (centre offsets in inverse-sigmoid space). Reference points are not refined."""
+    2-D reference point per query, sigmoid(MLP(position)). With `spatial_query` (Conditional DETR's own
+    cross-attention), a spatial query: the sine embedding of that point scaled element-wise by an MLP of the
+    layer's input (identity at the first layer), which each head concatenates to its content query; boxes
+    are predicted relative to the point (centre offsets in inverse-sigmoid space). Reference points are not
+    refined."""
 
-    spatial_cross_attention = True
     reference_size = 2
 
-    def __init__(self, num_queries: int, d_model: int, num_groups: int = 1):
+    def __init__(self, num_queries: int, d_model: int, num_groups: int = 1, spatial_query: bool = True):
         super().__init__(num_queries, d_model, num_groups)
         self.ref_point_head = MLP(d_model, d_model, 2, 2)
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        self.spatial_query = spatial_query
+        self.query_scale = MLP(d_model, d_model, d_model, 2) if spatial_query else None
 
-    def forward(self, batch_size: int, memory=None, memory_mask=None, labels=None) -> DecoderQueries:
+    @classmethod
+    def from_config(cls, config) -> "ConditionalQueries":
+        spatial = config.decoder_cross_attention == "spatial"
+        return cls(config.num_queries, config.d_model, config.num_query_groups, spatial_query=spatial)
+
+    def forward(self, batch_size: int, memory=None, proposals=None, targets=None) -> DecoderQueries:
         queries = super().forward(batch_size)
         queries.reference = self.ref_point_head(queries.position).sigmoid()
         return queries
 
     def layer_positions(self, layer, hidden_states, queries, reference):
+        if not self.spatial_query:
+            return queries.position, None
         spatial = box_sine_embedding(reference, hidden_states.shape[-1] // 2)
         if layer > 0:
             spatial = spatial * self.query_scale(hidden_states)
@@ -176,26 +207,30 @@ class ConditionalQueries(DetrQueries):
 class AnchorQueries(QueryBuilder):
     """DAB-DETR (Liu et al., 2022): each query is a learned 4-D anchor box (cx, cy, w, h; stored in
     inverse-sigmoid space), zero content. Before every layer the anchor's sine embedding goes through an
-    MLP to become the query position, and the spatial query is the embedding of its centre scaled by an
-    MLP of the layer's input, its x and y parts modulated by the ratio of a predicted width / height to
-    the anchor's (width/height-modulated cross-attention). After every layer the shared box head refines
-    the anchor: sigmoid(box_head_delta + inverse_sigmoid(anchor)), detached for the next layer.
+    MLP to become the query position. With `spatial_query` (DAB-DETR's own cross-attention), the spatial
+    query is the embedding of the anchor's centre scaled by an MLP of the layer's input, its x and y parts
+    modulated by the ratio of a predicted width / height to the anchor's (width/height-modulated
+    cross-attention). After every layer the layer's box head refines the anchor:
+    sigmoid(box_head_delta + inverse_sigmoid(anchor)), detached for the next layer.
 
     look_forward_twice (DINO, Zhang et al., 2022): each layer's boxes are predicted relative to the
     previous layer's refined anchors before the detach, so a layer's box loss also trains the layer before.
 
-    Denoising (DN-DETR, Li et al., 2022), in training with labels and `denoising`: noised copies of the
+    Denoising (DN-DETR, Li et al., 2022), in training with targets and `denoising`: noised copies of the
     ground truth go in as extra queries in front (see `Denoising`)."""
 
-    spatial_cross_attention = True
     reference_size = 4
 
-    def __init__(self, num_queries: int, d_model: int, num_groups: int = 1, look_forward_twice: bool = False, denoising=None):
+    def __init__(
+        self, num_queries: int, d_model: int, num_groups: int = 1, look_forward_twice: bool = False, denoising=None,
+        spatial_query: bool = True,
+    ):  # fmt: skip
         super().__init__(num_queries, num_groups)
         self.anchor_embeddings = nn.Embedding(num_groups * num_queries, 4)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
-        self.ref_anchor_head = MLP(d_model, d_model, 2, 2)
+        self.spatial_query = spatial_query
+        self.query_scale = MLP(d_model, d_model, d_model, 2) if spatial_query else None
+        self.ref_anchor_head = MLP(d_model, d_model, 2, 2) if spatial_query else None
         self.d_model, self.look_forward_twice, self.denoising = d_model, look_forward_twice, denoising
 
     @classmethod
@@ -206,15 +241,18 @@ class AnchorQueries(QueryBuilder):
                 config.num_labels, config.d_model, config.num_denoising_queries,
                 label_noise=config.denoising_label_noise, box_noise=config.denoising_box_noise,
             )  # fmt: skip
-        return cls(config.num_queries, config.d_model, config.num_query_groups, config.look_forward_twice, denoising)
+        return cls(
+            config.num_queries, config.d_model, config.num_query_groups, config.look_forward_twice, denoising,
+            spatial_query=config.decoder_cross_attention == "spatial",
+        )  # fmt: skip
 
-    def forward(self, batch_size: int, memory=None, memory_mask=None, labels=None) -> DecoderQueries:
+    def forward(self, batch_size: int, memory=None, proposals=None, targets: Targets | None = None) -> DecoderQueries:
         groups = self.groups_in_pass()
         anchors = self.anchor_embeddings.weight[: groups * self.num_queries].unsqueeze(0).expand(batch_size, -1, -1)
         content = anchors.new_zeros(batch_size, anchors.shape[1], self.d_model)
         pairs = None
-        if self.denoising is not None and self.training and labels is not None:
-            dn_content, dn_anchors, pairs = self.denoising(labels, anchors.device)
+        if self.denoising is not None and self.training and targets is not None:
+            dn_content, dn_anchors, pairs = self.denoising(targets, anchors.device)
             if pairs is not None:
                 content, anchors = torch.cat((dn_content, content), 1), torch.cat((dn_anchors, anchors), 1)
         num_denoising = content.shape[1] - groups * self.num_queries
@@ -225,6 +263,7 @@ class AnchorQueries(QueryBuilder):
             self_attention_mask=group_attention_mask(
                 groups, self.num_queries, pairs.num_groups if pairs is not None else 0, group_size, anchors.device
             ),
+            num_queries=self.num_queries,
             num_groups=groups,
             num_denoising=num_denoising,
             denoising=pairs,
@@ -234,6 +273,8 @@ class AnchorQueries(QueryBuilder):
         d_model = hidden_states.shape[-1]
         embedding = box_sine_embedding(reference, d_model // 2)  # [B, T, 2D]: y, x, w, h
         position = self.ref_point_head(embedding)
+        if not self.spatial_query:
+            return position, None
         spatial = embedding[..., :d_model]  # y, x
         if layer > 0:
             spatial = spatial * self.query_scale(hidden_states)
@@ -243,10 +284,71 @@ class AnchorQueries(QueryBuilder):
         return position, spatial * torch.cat((height_scale, width_scale), -1)
 
     def refine(self, layer, hidden_states, reference, box_head):
-        if box_head is None:  # the bare HfDetrModel has no box head: anchors stay as learned
-            return reference, reference
         refined = box_head(hidden_states, reference)
         return refined.detach(), (refined if self.look_forward_twice else refined.detach())
+
+
+class DeformableQueries(QueryBuilder):
+    """Deformable DETR (Zhu et al., 2021): learned content queries next to learned positions (the paper's
+    object query of 2 x d_model, split in two), and a 2-D reference point per query, sigmoid(Linear(position)),
+    around which the deformable cross-attention samples. With `refine_boxes` (with_box_refine), each layer's
+    box head refines the reference into a box for the next layer (detached), as DAB-DETR refines anchors.
+
+    Two-stage (with the encoder's `proposals`): the top-scoring proposal boxes are the references, and their
+    sine embedding, projected and normed, gives both the positions and the content queries."""
+
+    def __init__(self, num_queries: int, d_model: int, num_groups: int = 1, refine_boxes: bool = False, two_stage: bool = False):
+        super().__init__(num_queries, num_groups)
+        self.refine_boxes, self.two_stage = refine_boxes, two_stage
+        # the heads' first boxes around a reference point start with sides sigmoid(-2) = 0.12 (Deformable DETR's init)
+        self.box_size_logit = 0.0 if two_stage else -2.0
+        if two_stage:
+            self.reference_size = 4
+            self.proposal_projection = nn.Linear(2 * d_model, 2 * d_model)
+            self.proposal_norm = nn.LayerNorm(2 * d_model)
+        else:
+            self.reference_size = 2
+            self.position_embeddings = nn.Embedding(num_groups * num_queries, d_model)
+            self.content_embeddings = nn.Embedding(num_groups * num_queries, d_model)
+            self.reference_points = nn.Linear(d_model, 2)
+
+    @classmethod
+    def from_config(cls, config) -> "DeformableQueries":
+        return cls(config.num_queries, config.d_model, config.num_query_groups, config.with_box_refine, config.two_stage)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Deformable DETR's init of the reference-point layer (xavier-uniform, zero bias)."""
+        if not self.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
+
+    def forward(self, batch_size: int, memory=None, proposals=None, targets=None) -> DecoderQueries:
+        if self.two_stage:
+            if proposals is None:
+                raise ValueError("two-stage queries are built from the encoder's proposals; none were given")
+            reference = proposals.selected_boxes  # [B, Q, 4], detached
+            embedding = box_sine_embedding(reference, self.proposal_norm.normalized_shape[0] // 4)  # [B, Q, 2 * D]
+            position, content = self.proposal_norm(self.proposal_projection(embedding)).chunk(2, -1)
+            return DecoderQueries(content=content, position=position, reference=reference, num_queries=reference.shape[1])
+        groups = self.groups_in_pass()
+        rows = groups * self.num_queries
+        position = self.position_embeddings.weight[:rows].unsqueeze(0).expand(batch_size, -1, -1)
+        content = self.content_embeddings.weight[:rows].unsqueeze(0).expand(batch_size, -1, -1)
+        return DecoderQueries(
+            content=content,
+            position=position,
+            reference=self.reference_points(position).sigmoid(),
+            self_attention_mask=group_attention_mask(groups, self.num_queries, device=position.device),
+            num_queries=self.num_queries,
+            num_groups=groups,
+        )
+
+    def refine(self, layer, hidden_states, reference, box_head):
+        if not self.refine_boxes:
+            return reference, reference
+        refined = box_head(hidden_states, reference).detach()
+        return refined, refined
 
 
 class Denoising(nn.Module):
@@ -266,23 +368,23 @@ class Denoising(nn.Module):
         self.num_labels, self.num_queries = num_labels, num_queries
         self.label_noise, self.box_noise = label_noise, box_noise
 
-    def forward(self, labels: list[dict], device) -> tuple:
+    def forward(self, targets: Targets, device) -> tuple:
         """-> (content [B, N, D], anchors [B, N, 4] inverse-sigmoid, DenoisingPairs), or (None, None, None)
         when the batch has no targets."""
-        sizes = [target["class_labels"].shape[0] for target in labels]
+        sizes = targets.sizes
         max_targets = max(sizes, default=0)
         if max_targets == 0:
             return None, None, None
         num_groups = max(1, self.num_queries // max_targets)
-        batch = len(labels)
-        classes = torch.cat([t["class_labels"] for t in labels]).to(device).repeat(num_groups)  # [G * N]
-        boxes = torch.cat([t["boxes"] for t in labels]).to(device, torch.float32).repeat(num_groups, 1)
+        batch = targets.batch_size
+        classes = targets.class_labels.to(device).repeat(num_groups)  # [G * N]
+        boxes = targets.boxes.to(device, torch.float32).repeat(num_groups, 1)
         flip = torch.rand(classes.shape, device=device) < self.label_noise
         classes = torch.where(flip, torch.randint_like(classes, self.num_labels), classes)
         spread = torch.cat((boxes[:, 2:] / 2, boxes[:, 2:]), -1) * self.box_noise
         boxes = (boxes + (torch.rand_like(boxes) * 2 - 1) * spread).clamp(0.0, 1.0)
         # where each copy goes: image b, query g * max_targets + j for its j-th target in group g
-        image_idx = torch.repeat_interleave(torch.arange(batch), torch.tensor(sizes)).repeat(num_groups)
+        image_idx = targets.image_index.repeat(num_groups)
         target_idx = torch.cat([torch.arange(n) for n in sizes]).repeat(num_groups)
         group_idx = torch.arange(num_groups).repeat_interleave(sum(sizes))
         query_idx = group_idx * max_targets + target_idx
@@ -295,4 +397,4 @@ class Denoising(nn.Module):
         return content, anchors, DenoisingPairs(image_idx, query_idx, target_idx, num_groups)
 
 
-QUERY_BUILDERS = {"detr": DetrQueries, "conditional": ConditionalQueries, "anchor": AnchorQueries}
+QUERY_BUILDERS = {"detr": DetrQueries, "conditional": ConditionalQueries, "anchor": AnchorQueries, "deformable": DeformableQueries}

@@ -134,6 +134,33 @@ def plot_encoder_attention(explanation: Explanation, path: str | Path) -> int:
     return len(points)
 
 
+def plot_sampling_points(explanation: Explanation, path: str | Path, max_detections: int = 4) -> list[tuple[int, int]]:
+    """Deformable cross-attention: for each of a few detections (rows) and every decoder layer (columns), the
+    points the query samples on every feature level (a colour per level) over the image, each dot's area
+    proportional to its attention weight, and the layer's box. -> the (query, layer) panels drawn."""
+    queries = explanation.detections()[:max_detections].tolist() or explanation.scores[-1].max(-1).values.argsort(descending=True)[:1].tolist()
+    layers = explanation.num_layers
+    figure, axes = plt.subplots(len(queries), layers, figsize=(3.0 * layers, 3.0 * len(queries)), squeeze=False)
+    width, height = explanation.image.size
+    # a level's (x, y) in 0..1 of its padded map -> image pixels: the image spans valid_ratios of the map
+    scale = torch.tensor([width, height], dtype=torch.float32) / explanation.valid_ratios.float()  # [levels, 2]
+    level_colours = plt.get_cmap("viridis")(torch.linspace(0, 0.9, len(explanation.level_shapes)).tolist())
+    drawn = []
+    for row, query in enumerate(queries):
+        for layer in range(layers):
+            ax = axes[row][layer]
+            _show(ax, explanation, f"q{query}, layer {layer + 1}")
+            pixels = explanation.sampling_locations[layer, query] * scale[None, :, None, :]  # [heads, levels, points, 2]
+            weights = explanation.sampling_weights[layer, query]  # [heads, levels, points]
+            for level, colour in enumerate(level_colours):
+                xy, w = pixels[:, level].reshape(-1, 2), weights[:, level].reshape(-1)
+                ax.scatter(xy[:, 0].numpy(), xy[:, 1].numpy(), s=(w * 400).numpy(), color=colour, alpha=0.7, linewidths=0)
+            _box(ax, explanation.boxes_in_pixels(explanation.boxes[layer, query]), _colour(query))
+            drawn.append((query, layer))
+    _save(figure, Path(path))
+    return drawn
+
+
 def _cost_table(explanation: Explanation) -> str:
     rows = []
     for layer, ((queries, targets), costs) in enumerate(zip(explanation.matches, explanation.match_costs)):
@@ -160,6 +187,10 @@ def write_report(explanation: Explanation, output_dir: str | Path, title: str = 
         table = "<h2>The cost of each matched pair</h2>" + _cost_table(explanation)
     plot_cross_attention(explanation, output_dir / "cross_attention.png")
     sections.append(("cross_attention.png", "Where each detection looks: the last decoder layer's cross-attention"))
+    if explanation.sampling_locations is not None:
+        plot_sampling_points(explanation, output_dir / "sampling_points.png")
+        levels = len(explanation.level_shapes)
+        sections.append(("sampling_points.png", f"Deformable attention: each layer's sampling points on the {levels} feature levels (a colour each), dot size = weight"))
     plot_encoder_attention(explanation, output_dir / "encoder_attention.png")
     sections.append(("encoder_attention.png", "The last encoder layer's self-attention at a few points"))
     layout = ""
@@ -226,6 +257,6 @@ def write_dataset_report(statistics: QueryStatistics, output_dir: str | Path, ti
 
 
 __all__ = [
-    "plot_layers", "plot_matching", "plot_cross_attention", "plot_encoder_attention", "write_report",
+    "plot_layers", "plot_matching", "plot_cross_attention", "plot_sampling_points", "plot_encoder_attention", "write_report",
     "plot_query_slots", "plot_slot_matches", "write_dataset_report",
 ]  # fmt: skip

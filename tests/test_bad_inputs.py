@@ -433,7 +433,7 @@ def test_any_num_labels_round_trips(tmp_path, num_labels):
     hf_detr.HfDetrForObjectDetection(tiny_config(num_labels=num_labels)).save_pretrained(tmp_path)
     assert hf_detr.HfDetrConfig.from_pretrained(tmp_path).num_labels == num_labels
     model = hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path)
-    assert model.config.num_labels == num_labels and model.class_labels_classifier.out_features == num_labels + 1
+    assert model.config.num_labels == num_labels and model.model.heads.class_heads[0].out_features == num_labels + 1
 
 
 def test_truncated_safetensors_is_refused(tmp_path):

@@ -35,13 +35,21 @@ def test_query_types_are_exactly_the_builders():
         ("giou_loss_coefficient", -2.0, "giou_loss_coefficient"),
         ("eos_coefficient", -0.1, "eos_coefficient"),
         ("dropout", 1.0, "dropout"),
-        ("query_type", "dab", "query_type"),
         ("category_ids", [1, 2], "category_ids"),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         hf_detr.HfDetrConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["query_type", "class_loss", "matcher_type", "encoder_attention", "decoder_cross_attention"])
+def test_variant_fields_are_typed_with_their_choices(field):
+    """The variant fields are `Literal`s of the dicts' keys: a value outside them is refused by name, choices listed."""
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"{field}.*expected one of"):
+        hf_detr.HfDetrConfig(**{field: "dab"})
 
 
 def test_all_zero_matcher_costs_rejected():
@@ -98,14 +106,14 @@ def test_relabelling_gives_a_consistent_config(labelled_checkpoint, caplog):
     )
     config = relabelled.config
     assert (config.num_labels, config.id2label, config.category_ids) == (2, {0: "x", 1: "y"}, None)
-    assert relabelled.class_labels_classifier.out_features == 3  # 2 labels + no object
+    assert relabelled.model.heads.class_heads[0].out_features == 3  # 2 labels + no object
 
     for num_labels in (2, 5):
         config = hf_detr.HfDetrConfig.from_pretrained(labelled_checkpoint, num_labels=num_labels)
         assert config.num_labels == num_labels == len(config.id2label) == len(config.label2id)
         assert config.category_ids is None
     model = hf_detr.HfDetrForObjectDetection.from_pretrained(labelled_checkpoint, num_labels=5, ignore_mismatched_sizes=True)
-    assert model.class_labels_classifier.out_features == 6
+    assert model.model.heads.class_heads[0].out_features == 6
 
     # given again, or the labels unchanged: the ids stay
     config = hf_detr.HfDetrConfig.from_pretrained(labelled_checkpoint, id2label={0: "x", 1: "y"}, category_ids=[4, 9])

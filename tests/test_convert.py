@@ -26,9 +26,10 @@ from transformers import (
     ConditionalDetrForObjectDetection,
     DabDetrConfig,
     DabDetrForObjectDetection,
-    DeformableDetrConfig,
+    DeformableDetrForObjectDetection,
     DetrConfig,
     DetrForObjectDetection,
+    RTDetrConfig,
 )
 from transformers.utils import logging as transformers_logging
 
@@ -54,6 +55,10 @@ TRANSFORMERS_DETRS = {
 }
 
 
+# every transformers detection model these tests build, by model_type (Deformable DETR's: test_convert_deformable.py)
+MODEL_CLASSES = {**{kind: classes[1] for kind, classes in TRANSFORMERS_DETRS.items()}, "deformable_detr": DeformableDetrForObjectDetection}
+
+
 def tiny_transformers_config(kind: str = "detr", **overrides):
     sizes = dict(TINY_SIZES)
     if kind == "dab-detr":
@@ -77,7 +82,7 @@ def perturbed_detr(config, seed: int = 0, keep=None):
     that a misplaced or mis-renamed tensor shows in the outputs: norm scales around 1, positive running
     variances, noise on everything else. Tensors whose name matches the regex `keep` stay as initialised."""
     torch.manual_seed(seed)
-    model = TRANSFORMERS_DETRS[config.model_type][1](config)
+    model = MODEL_CLASSES[config.model_type](config)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -159,7 +164,7 @@ def test_train_parity_with_transformers(inputs, kind):
         for k in shared
     }
     head = reference.class_embed if kind == "dab-detr" else reference.class_labels_classifier
-    grad_expected, grad_actual = head.weight.grad, converted.class_labels_classifier.weight.grad
+    grad_expected, grad_actual = head.weight.grad, converted.model.heads.class_heads[0].weight.grad
     grad_diff = ((grad_actual - grad_expected).norm() / grad_expected.norm()).item()
     print(
         f"\n[train parity, {kind}] loss {expected.loss.item():.6f}, relative diff {loss_diff:.2e}; "
@@ -215,8 +220,8 @@ def test_dab_detr_options_hf_detr_lacks_are_refused():
     for option in (dict(num_patterns=3), dict(keep_query_pos=True), dict(temperature_height=10)):
         with pytest.raises(ValueError, match=next(iter(option)).split("_")[0]):
             hf_detr.convert_transformers_detr(DabDetrForObjectDetection(tiny_transformers_config("dab-detr", **option)))
-    with pytest.raises(ValueError, match="cannot convert"):
-        config_from_transformers_config(DeformableDetrConfig())
+    with pytest.raises(ValueError, match="cannot convert a 'rt_detr' model"):
+        config_from_transformers_config(RTDetrConfig())
 
 
 def ops_run(model, inputs, op: str) -> int:
@@ -551,5 +556,5 @@ def test_from_pretrained_converts_a_transformers_checkpoint_on_the_fly(tmp_path,
     )
     assert (relabelled.config.num_labels, relabelled.config.category_ids) == (2, [3, 8])
     expected_head = 2 if kind != "detr" else 3  # sigmoid heads: one output per label; softmax: + no object
-    assert relabelled.class_labels_classifier.out_features == expected_head
-    torch.testing.assert_close(relabelled.bbox_predictor.layers[0].weight, model.bbox_predictor.layers[0].weight)
+    assert relabelled.model.heads.class_heads[0].out_features == expected_head
+    torch.testing.assert_close(relabelled.model.heads.box_heads[0].layers[0].weight, model.model.heads.box_heads[0].layers[0].weight)

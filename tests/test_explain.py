@@ -23,7 +23,7 @@ def tiny_model(query_type, **overrides):
     torch.manual_seed(0)
     model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type=query_type, **overrides)).eval()
     with torch.no_grad():  # boxes that differ from layer to layer, as a trained model's do
-        torch.nn.init.normal_(model.bbox_predictor.layers[-1].weight, std=0.2)
+        torch.nn.init.normal_(model.model.heads.box_heads[0].layers[-1].weight, std=0.2)
     return model
 
 
@@ -65,11 +65,18 @@ def test_explanation_is_the_models_own_layers_matching_and_attention(query_type,
         cost = model.criterion.matcher.target_costs(layer_logits[layer, None, None], layer_boxes[layer, None, None], [labels])[0]
         torch.testing.assert_close(costs["total"], cost[targets, queries])
 
-    # attention maps: distributions over the feature map
+    # attention maps: distributions over the feature map (deformable: the weight of the points inside it)
     L, heads, Q = model.config.decoder_layers, model.config.decoder_attention_heads, model.config.num_queries
     h, w = explanation.feature_mask.shape
     assert explanation.cross_attention.shape == (L, heads, Q, h, w)
-    torch.testing.assert_close(explanation.cross_attention.sum((-2, -1)), torch.ones(L, heads, Q))
+    if model.config.decoder_cross_attention == "deformable":
+        assert (explanation.cross_attention.sum((-2, -1)) <= 1 + 1e-5).all() and explanation.cross_attention.sum() > 0
+        levels, points = model.config.num_feature_levels, model.config.decoder_n_points
+        assert explanation.sampling_locations.shape == (L, Q, heads, levels, points, 2)
+        torch.testing.assert_close(explanation.sampling_weights.sum((-2, -1)), torch.ones(L, Q, heads))
+    else:
+        torch.testing.assert_close(explanation.cross_attention.sum((-2, -1)), torch.ones(L, heads, Q))
+        assert explanation.sampling_locations is None
     assert explanation.encoder_attention.shape[-2:] == (h, w) and explanation.encoder_attention.shape[0] == model.config.encoder_layers
     torch.testing.assert_close(explanation.encoder_attention.sum((-2, -1)), torch.ones(explanation.encoder_attention.shape[:3]))
 

@@ -18,7 +18,7 @@ def model():
 
 
 def _conv_and_frozen_norm(generator):
-    from hf_detr.modeling_hf_detr import FrozenBatchNorm2d
+    from hf_detr.backbone import FrozenBatchNorm2d
 
     conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
     norm = FrozenBatchNorm2d(6)
@@ -66,7 +66,7 @@ def test_folded_weights_follow_changed_statistics(generator):
 
 def test_folding_keeps_state_dict_keys_and_values(model, inputs):
     from hf_detr.kernels import FoldedBatchNormConv2d
-    from hf_detr.modeling_hf_detr import FrozenBatchNorm2d
+    from hf_detr.backbone import FrozenBatchNorm2d
 
     backbone = model.model.backbone.model
     folded = [m for m in backbone.modules() if isinstance(m, FoldedBatchNormConv2d)]
@@ -90,7 +90,7 @@ def test_folding_keeps_state_dict_keys_and_values(model, inputs):
 @pytest.mark.parametrize("kernel, stride", [(1, 1), (1, 2), (3, 1), (3, 2)])
 def test_folded_batch_norm_convolution_equals_convolution_then_batch_norm(kernel, stride):
     from hf_detr.kernels import FoldedBatchNormConv2d
-    from hf_detr.modeling_hf_detr import FrozenBatchNorm2d
+    from hf_detr.backbone import FrozenBatchNorm2d
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 16, kernel, stride=stride, padding=kernel // 2, bias=False)
@@ -151,7 +151,8 @@ def test_linear_matches_nn_linear_in_forward_and_backward():
 
 
 def test_kernels_off_give_the_same_outputs_and_gradients(model, inputs, generator, monkeypatch):
-    """`kernels.ENABLED = False` is the plain model: every kernel is only a faster way to the same numbers."""
+    """The kernels switched off (`kernels.enabled(False)`) give the plain model: every kernel is only a faster way
+    to the same numbers; the switch restores what held before the block."""
     from conftest import random_labels
 
     from hf_detr import kernels
@@ -161,12 +162,19 @@ def test_kernels_off_give_the_same_outputs_and_gradients(model, inputs, generato
     labels = random_labels([3, 1], 5, generator)
     monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0)  # every product through oneDNN when the kernels are on
     results = []
-    for enabled in (True, False):
-        monkeypatch.setattr(kernels, "ENABLED", enabled)
-        model.zero_grad()
-        out = model.train()(**inputs, labels=[{k: v.clone() for k, v in t.items()} for t in labels])
-        out.loss.backward()
-        results.append((out.logits.detach(), out.loss.detach(), model.model.input_projection.weight.grad.clone()))
+    calls = []
+    original_fold = kernels.FoldedBatchNormConv2d.forward
+    monkeypatch.setattr(kernels.FoldedBatchNormConv2d, "forward", lambda self, x: calls.append(kernels.active()) or original_fold(self, x))
+    for enable in (True, False):
+        with kernels.enabled(enable):
+            assert kernels.is_enabled() == enable
+            model.zero_grad()
+            out = model.train()(**inputs, labels=[{k: v.clone() for k, v in t.items()} for t in labels])
+            out.loss.backward()
+        results.append((out.logits.detach(), out.loss.detach(), model.model.feature_levels.projections[0].weight.grad.clone()))
+        assert calls and set(calls) == {enable}  # the kernels ran, or stepped aside, in the block
+        calls.clear()
+    assert kernels.is_enabled()  # as before the blocks
     (logits_on, loss_on, grad_on), (logits_off, loss_off, grad_off) = results
     torch.testing.assert_close(logits_on, logits_off, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-5)

@@ -32,7 +32,8 @@ def test_the_attention_the_config_reports_is_the_one_that_runs(query_type, input
     torch.manual_seed(0)
     model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type=query_type)).eval()
     config = model.config
-    num_attentions = config.encoder_layers + 2 * config.decoder_layers
+    num_attentions = sum(isinstance(m, hf_detr.layers.HfDetrAttention) for m in model.modules())  # the dense ones
+    assert num_attentions == config.encoder_layers + config.decoder_layers * (1 if config.decoder_cross_attention == "deformable" else 2)
     assert config._attn_implementation == "sdpa"  # transformers' default for a model that supports it
     calls = attention_calls(monkeypatch)
     with torch.no_grad():

@@ -62,15 +62,15 @@ def test_heads_are_shared_across_decoder_layers(query_type, inputs):
     torch.manual_seed(0)
     model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type=query_type)).eval()
     with torch.no_grad():
-        torch.nn.init.normal_(model.bbox_predictor.layers[-1].weight, std=0.1)  # refinements that move the boxes
-        base = model.model(**inputs, box_head=model.bbox_predictor)
+        torch.nn.init.normal_(model.model.heads.box_heads[0].layers[-1].weight, std=0.1)  # refinements that move the boxes
+        base = model.model(**inputs)
         out = model(**inputs, labels=random_labels([2, 1], 5, torch.Generator().manual_seed(0)))
         layers = [*out.auxiliary_outputs, {"logits": out.logits, "pred_boxes": out.pred_boxes}]
         for layer, predicted in enumerate(layers):
             hidden = base.intermediate_hidden_states[layer]
             reference = None if base.reference_boxes is None else base.reference_boxes[layer]
-            torch.testing.assert_close(predicted["logits"], model.class_labels_classifier(hidden))
-            torch.testing.assert_close(predicted["pred_boxes"], model.bbox_predictor(hidden, reference))
+            torch.testing.assert_close(predicted["logits"], model.model.heads.class_heads[0](hidden))
+            torch.testing.assert_close(predicted["pred_boxes"], model.model.heads.box_heads[0](hidden, reference))
     assert (out.reference_boxes is None) == (query_type == "detr")
     if query_type == "anchor":  # refined: each layer's anchors differ from the last's
         assert not torch.allclose(base.reference_boxes[1], base.reference_boxes[0])
@@ -124,7 +124,7 @@ def test_training_step_with_labels_reaches_queries_and_heads(model, inputs, gene
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     out.loss.backward()
     assert model.model.queries.position_embeddings.weight.grad.abs().sum() > 0
-    assert model.class_labels_classifier.weight.grad.abs().sum() > 0
+    assert model.model.heads.class_heads[0].weight.grad.abs().sum() > 0
     # DETR trains the backbone but not its stem and first stage; batch norm is frozen (no parameters)
     backbone = dict(model.model.backbone.model.named_parameters())
     assert not backbone["embedder.embedder.convolution.weight"].requires_grad
@@ -156,16 +156,48 @@ def test_resized_class_head_is_initialised_and_the_rest_loaded(checkpoint, model
     """Fine-tuning on other classes (`ignore_mismatched_sizes`, as train.py --model_name_or_path does): the
     new class head gets torch's default init, not uninitialised memory; every other weight is the checkpoint's."""
     resized = hf_detr.HfDetrForObjectDetection.from_pretrained(checkpoint, num_labels=7, ignore_mismatched_sizes=True)
-    head = resized.class_labels_classifier
+    head = resized.model.heads.class_heads[0]
     assert head.weight.shape == (8, model.config.d_model)
     bound = 1 / model.config.d_model**0.5  # nn.Linear's default: uniform(-1/sqrt(in), 1/sqrt(in))
     assert head.weight.abs().max() <= bound and head.bias.abs().max() <= bound
     assert head.weight.std() > bound / 4
     original = model.state_dict()
     for name, value in resized.state_dict().items():
-        if not name.startswith("class_labels_classifier."):
+        if not name.startswith("model.heads.class_heads."):
             torch.testing.assert_close(value, original[name], rtol=0, atol=0, msg=name)
     assert resized.criterion.class_loss.class_weight.tolist() == pytest.approx([1.0] * 7 + [0.1])
+
+
+def test_checkpoints_saved_with_the_earlier_key_layout_load_and_save_in_todays(checkpoint, model, inputs, tmp_path):
+    """hf_detr checkpoints from before the heads and input projection moved into HfDetrModel (top-level
+    `class_labels_classifier.`, `bbox_predictor.`, `model.input_projection.`) load with the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    saved = load_file(checkpoint / "model.safetensors")
+    earlier = {"model.heads.class_heads.0.": "class_labels_classifier.", "model.heads.box_heads.0.": "bbox_predictor.",
+               "model.feature_levels.projections.0.": "model.input_projection."}  # fmt: skip
+    renamed = {}
+    for key, value in saved.items():
+        for today, before in earlier.items():
+            key = key.replace(today, before) if key.startswith(today) else key
+        renamed[key] = value
+    assert "class_labels_classifier.weight" in renamed and "model.input_projection.weight" in renamed
+    save_file(renamed, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    loaded = hf_detr.HfDetrForObjectDetection.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+        torch.testing.assert_close(loaded(**inputs).pred_boxes, model(**inputs).pred_boxes)
+    loaded.save_pretrained(tmp_path / "again")
+    assert set(load_file(tmp_path / "again" / "model.safetensors")) == set(saved)
+
+
+def test_a_checkpoint_of_a_family_hf_detr_cannot_convert_is_refused_by_its_model_type(tmp_path):
+    from transformers import RTDetrConfig
+
+    RTDetrConfig().save_pretrained(tmp_path)
+    for model_class in (hf_detr.HfDetrForObjectDetection, hf_detr.HfDetrModel):
+        with pytest.raises(ValueError, match="is a 'rt_detr' checkpoint, not an hf_detr one, and hf_detr cannot convert it"):
+            model_class.from_pretrained(tmp_path)
 
 
 def test_auto_classes_after_import(checkpoint, model, inputs):
@@ -286,7 +318,7 @@ def test_a_fresh_model_has_detrs_initialisation(query_type, class_loss, gain):
         embedding = queries.anchor_embeddings if query_type == "anchor" else queries.position_embeddings
         _assert_std(embedding.weight, 1.0, "query embeddings")
         assert embedding.weight.mean().abs() < 4 / embedding.weight.numel() ** 0.5
-        head = model.class_labels_classifier
+        head = model.model.heads.class_heads[0]
         default_bound = 1 / head.in_features**0.5
         assert head.weight.abs().max() <= default_bound
         _assert_std(head.weight, _uniform_std(default_bound), "class head")
@@ -294,14 +326,14 @@ def test_a_fresh_model_has_detrs_initialisation(query_type, class_loss, gain):
             assert head.bias.abs().max() <= default_bound and head.bias.std() > 0
         else:
             torch.testing.assert_close(head.bias, torch.full_like(head.bias, -math.log(0.99 / 0.01)))
-        box_layers = model.bbox_predictor.layers
+        box_layers = model.model.heads.box_heads[0].layers
         first = box_layers[0]
         _assert_std(first.weight, _uniform_std(1 / first.in_features**0.5), "box head")
         if query_type == "detr":
             assert box_layers[-1].weight.std() > 0
         else:  # the first boxes are the reference points / anchors themselves
             assert box_layers[-1].weight.abs().max() == 0 and box_layers[-1].bias.abs().max() == 0
-        projection = model.model.input_projection
+        projection = model.model.feature_levels.projections[0]
         assert projection.weight.abs().max() <= 1 / projection.in_channels**0.5
         conv = model.model.backbone.model.encoder.stages[-1].layers[0].layer[0].convolution
         fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()

@@ -37,7 +37,7 @@ def test_bf16_training_step_has_fp32_loss_and_gradients(model, pixel_values):
     out = model(pixel_values, labels=random_labels([2, 1], 5, torch.Generator().manual_seed(2)))
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     out.loss.backward()
-    assert model.class_labels_classifier.weight.grad.dtype == torch.float32
+    assert model.model.heads.class_heads[0].weight.grad.dtype == torch.float32
 
 
 @pytest.mark.parametrize("backend", ["math", "flash"])

@@ -296,7 +296,7 @@ def test_config_name_and_image_processor_name(tmp_path):
         model = train_script.build_model(args, categories)
         config = model.config
         assert (config.d_model, config.num_queries, config.num_labels, config.category_ids) == (d_model, 7, 3, [1, 3, 7]), name
-        assert model.class_labels_classifier.out_features == 4
+        assert model.model.heads.class_heads[0].out_features == 4
     args = train_script.apply_defaults(train_script.parse_args(["--image_processor_name", str(tmp_path / "processor")]))
     assert train_script.build_image_processor(args, config).size == processor.size
     with pytest.raises(ValueError, match="config_name .*: a 'resnet' config"):

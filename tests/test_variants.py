@@ -1,6 +1,8 @@
-"""The variants contract: every accepted combination of query type x class loss x query groups x
-denoising queries builds, runs, trains, saves, loads, serves a pipeline and loads as remote code; and
-the invariants that make groups and denoising queries what the papers say they are."""
+"""The variants contract: every accepted combination of feature levels x encoder attention x cross-attention x
+query type x class loss x query groups x denoising queries x Deformable DETR's decoder options builds, runs and
+trains; a covering subset (every pair of values of any two of those dimensions in some combination) saves,
+loads, serves a pipeline and loads as remote code (ONNX: tests/test_export.py); and the invariants that make
+groups and denoising queries what the papers say they are."""
 
 import itertools
 import json
@@ -15,42 +17,110 @@ import torch
 from transformers import pipeline
 
 import hf_detr
-from conftest import random_labels, tiny_config
-from hf_detr.configuration_hf_detr import ClassLoss, MatcherType, QueryType
+from conftest import random_labels, tiny_backbone_config, tiny_config
+from hf_detr.configuration_hf_detr import ClassLoss, CrossAttention, EncoderAttention, MatcherType, QueryType
 from hf_detr.queries import Denoising, group_attention_mask
+from hf_detr.targets import check_labels
+
+# Every dimension of the variants and its values. `levels`: the backbone's stages (1: DETR's last one; 3: the
+# last three plus one stride-2 level, 4 levels as Deformable DETR's). `decoder`: Deformable DETR's options.
+DIMENSIONS = {
+    "levels": (1, 3),
+    "encoder_attention": typing.get_args(EncoderAttention),
+    "decoder_cross_attention": typing.get_args(CrossAttention),
+    "query_type": typing.get_args(QueryType),
+    "class_loss": typing.get_args(ClassLoss),
+    "num_query_groups": (1, 3),
+    "num_denoising_queries": (0, 12),
+    "decoder": ("plain", "box_refine", "two_stage"),
+}
+DECODER = {"plain": {}, "box_refine": dict(with_box_refine=True), "two_stage": dict(with_box_refine=True, two_stage=True)}
+
+
+def variant_config(levels=1, decoder="plain", **kwargs):
+    """levels 1: the tiny backbone's stride-16 stage (24 positions for the tests' 64 x 96 images: enough for 10
+    two-stage proposals); 3: its strides 8, 16, 32 and a stride-64 level."""
+    stages = ["stage2", "stage3", "stage4"] if levels > 1 else ["stage3"]
+    kwargs.update(backbone_config=tiny_backbone_config(out_features=stages), num_feature_levels=levels + (levels > 1))
+    if levels > 1:
+        kwargs.update(encoder_n_points=2, decoder_n_points=2)
+    return tiny_config(**kwargs, **DECODER[decoder])
+
+
+# The dimensions that every other one combines with freely (tested below); the rest are checked by the config.
+FREE = ("levels", "encoder_attention", "class_loss")
 
 
 def accepted_combinations():
-    """Every (query_type, class_loss, groups, denoising) the config accepts; the rest must be refused by name."""
+    """Every combination the config accepts; the rest must be refused by a ValueError naming a field. The
+    config is asked once per combination of the dimensions that are not FREE (building thousands of configs
+    would take the test collection tens of seconds)."""
+    constrained = [name for name in DIMENSIONS if name not in FREE]
     accepted = []
-    for query_type, class_loss, groups, denoising in itertools.product(
-        typing.get_args(QueryType), typing.get_args(ClassLoss), (1, 3), (0, 12)
-    ):
-        kwargs = dict(query_type=query_type, class_loss=class_loss, num_query_groups=groups, num_denoising_queries=denoising)
+    for values in itertools.product(*(DIMENSIONS[name] for name in constrained)):
+        kwargs = dict(zip(constrained, values))
         try:
-            tiny_config(**kwargs)
+            variant_config(**kwargs)
         except ValueError as error:
-            assert "num_denoising_queries" in str(error) and query_type != "anchor", (kwargs, error)
+            assert "HfDetrConfig." in str(error), (kwargs, error)
             continue
-        accepted.append(kwargs)
+        for free in itertools.product(*(DIMENSIONS[name] for name in FREE)):
+            combination = {**kwargs, **dict(zip(FREE, free))}
+            accepted.append({name: combination[name] for name in DIMENSIONS})
     return accepted
 
 
+def pairwise_cover(combinations: list[dict]) -> list[dict]:
+    """A subset in which every pair of values of two dimensions that occurs in some combination occurs (greedy)."""
+    def pairs(kwargs):
+        return {((a, kwargs[a]), (b, kwargs[b])) for a, b in itertools.combinations(DIMENSIONS, 2)}
+
+    uncovered, chosen = set().union(*(pairs(c) for c in combinations)), []
+    while uncovered:
+        best = max(combinations, key=lambda c: len(pairs(c) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
 COMBINATIONS = accepted_combinations()
-IDS = ["-".join(f"{value}" for value in kwargs.values()) for kwargs in COMBINATIONS]
+COVERING = pairwise_cover(COMBINATIONS)
 
 
-def test_the_dicts_are_the_config_literals():
+def variant_id(kwargs: dict) -> str:
+    return "-".join(str(value) for value in kwargs.values())
+
+
+@pytest.mark.parametrize("constrained", [dict(query_type="detr"), dict(query_type="anchor", num_denoising_queries=12, decoder="box_refine"),
+                                         dict(query_type="deformable", decoder="two_stage")], ids=["detr", "anchor", "two_stage"])
+def test_the_free_dimensions_combine_with_anything(constrained):
+    for free in itertools.product(*(DIMENSIONS[name] for name in FREE)):
+        variant_config(**constrained, **dict(zip(FREE, free)))  # accepted
+
+
+def test_the_dicts_are_the_config_literals_and_the_combinations_what_they_allow():
     assert set(typing.get_args(QueryType)) == set(hf_detr.QUERY_BUILDERS)
     assert set(typing.get_args(ClassLoss)) == set(hf_detr.CLASS_LOSSES)
     assert set(typing.get_args(MatcherType)) == set(hf_detr.MATCHERS)
-    assert len(COMBINATIONS) == 3 * 3 * 2 + 3 * 2  # denoising with anchor queries only
+    assert set(typing.get_args(EncoderAttention)) == set(hf_detr.ENCODER_ATTENTION)
+    assert set(typing.get_args(CrossAttention)) == set(hf_detr.CROSS_ATTENTION)
+    # "spatial" cross-attention needs spatial queries (conditional, anchor), "deformable" reference points (all
+    # but detr); denoising needs anchor queries; box refinement refined references (anchor, deformable); two-stage
+    # deformable queries, with box refinement, in one group
+    pairs = {"dense": ("detr", "conditional", "anchor", "deformable"), "spatial": ("conditional", "anchor"), "deformable": ("conditional", "anchor", "deformable")}
+    per_side_and_loss = 0
+    for query in (query for queries in pairs.values() for query in queries):
+        denoising = 2 if query == "anchor" else 1
+        decoders = 2 if query in ("anchor", "deformable") else 1  # plain, box_refine
+        per_side_and_loss += 2 * denoising * decoders + (query == "deformable")  # x groups; + two-stage
+    assert len(COMBINATIONS) == 2 * 2 * 3 * per_side_and_loss  # levels x encoder attention x class loss
+    assert len(COVERING) < len(COMBINATIONS) // 10
 
 
-@pytest.mark.parametrize("kwargs", COMBINATIONS, ids=IDS)
-def test_variant_contract(kwargs, inputs, tmp_path):
+@pytest.mark.parametrize("kwargs", COMBINATIONS, ids=[variant_id(k) for k in COMBINATIONS])
+def test_every_accepted_combination_builds_runs_and_trains(kwargs, inputs):
     torch.manual_seed(0)
-    config = tiny_config(**kwargs)
+    config = variant_config(**kwargs)
     model = hf_detr.HfDetrForObjectDetection(config)
     num_classes = 5 if kwargs["class_loss"] != "softmax" else 6
 
@@ -61,7 +131,7 @@ def test_variant_contract(kwargs, inputs, tmp_path):
     assert out.logits.shape == (2, 10, num_classes) and out.pred_boxes.shape == (2, 10, 4)
     assert ((out.pred_boxes >= 0) & (out.pred_boxes <= 1)).all() and out.auxiliary_outputs is None
 
-    # one training step: a finite loss whose gradients reach the query builder's parameters
+    # one training step: a finite loss of every layer whose gradients reach the query builder's and the heads' parameters
     model.train()
     labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
     train_out = model(**inputs, labels=labels)
@@ -69,14 +139,29 @@ def test_variant_contract(kwargs, inputs, tmp_path):
     assert [aux["logits"].shape for aux in train_out.auxiliary_outputs] == [(2, 10, num_classes)] * 2
     suffixes = ("", "_dn") if kwargs["num_denoising_queries"] else ("",)
     expected_keys = {f"{n}{s}{i}" for n in ("loss_ce", "loss_bbox", "loss_giou") for s in suffixes for i in ("", "_0", "_1")}
+    if kwargs["decoder"] == "two_stage":
+        expected_keys |= {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"}
     assert set(train_out.loss_dict) == expected_keys | {"cardinality_error"}
     train_out.loss.backward()
-    for name, parameter in model.model.queries.named_parameters():
+    heads = model.model.heads
+    # every query-builder weight; the heads' outputs (the box MLPs' earlier layers get none while the last starts at zero)
+    learning = dict(model.model.queries.named_parameters())
+    learning.update({f"class_heads.{i}": head.weight for i, head in enumerate(heads.class_heads)})
+    learning.update({f"box_heads.{i}": head.layers[-1].weight for i, head in enumerate(heads.box_heads)})
+    for name, parameter in learning.items():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
-    model.zero_grad()
+
+
+@pytest.mark.parametrize("kwargs", COVERING, ids=[variant_id(k) for k in COVERING])
+def test_variant_saves_loads_and_serves_a_pipeline(kwargs, inputs, tmp_path):
+    torch.manual_seed(0)
+    config = variant_config(**kwargs)
+    model = hf_detr.HfDetrForObjectDetection(config).eval()
+    with torch.no_grad():
+        out = model(**inputs)
 
     # save / load: the same outputs, and the processor that fits the class loss
-    model.eval().save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
     hf_detr.image_processor_for(config, size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(tmp_path)
     loaded = hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path).eval()
     with torch.no_grad():
@@ -93,18 +178,18 @@ def test_variant_contract(kwargs, inputs, tmp_path):
     assert len(detections) == expected_count
 
 
-def test_every_variant_loads_as_remote_code_without_hf_detr(tmp_path_factory, inputs):
-    """One process that cannot import hf_detr loads each query type x class loss checkpoint with
+def test_every_covering_variant_loads_as_remote_code_without_hf_detr(tmp_path_factory, inputs):
+    """One process that cannot import hf_detr loads each covering combination's checkpoint with
     trust_remote_code and reproduces its outputs."""
     folders = {}
-    for query_type, class_loss in itertools.product(typing.get_args(QueryType), typing.get_args(ClassLoss)):
+    for kwargs in COVERING:
         torch.manual_seed(0)
-        model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type=query_type, class_loss=class_loss)).eval()
-        folder = tmp_path_factory.mktemp(f"{query_type}-{class_loss}")
+        model = hf_detr.HfDetrForObjectDetection(variant_config(**kwargs)).eval()
+        folder = tmp_path_factory.mktemp(variant_id(kwargs))
         model.save_pretrained(folder)
         with torch.no_grad():
             torch.save({"inputs": inputs, "logits": model(**inputs).logits}, folder / "expected.pt")
-        folders[f"{query_type}/{class_loss}"] = str(folder)
+        folders[variant_id(kwargs)] = str(folder)
     script = textwrap.dedent(
         f"""
         import sys
@@ -121,11 +206,14 @@ def test_every_variant_loads_as_remote_code_without_hf_detr(tmp_path_factory, in
         """
     )
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path_factory.mktemp("modules")), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path_factory.mktemp("cwd"), timeout=600)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path_factory.mktemp("cwd"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("remote-ok") == len(folders) == 9
-    for name in ("queries.py", "layers.py", "kernels.py", "loss.py", "matching.py", "box_ops.py"):
-        assert (next(iter(folders.values())) + "/" + name) and os.path.isfile(os.path.join(next(iter(folders.values())), name)), name
+    assert result.stdout.count("remote-ok") == len(folders) == len(COVERING)
+    # a checkpoint carries the model's files and nothing of the training side or the converter
+    saved = {name for name in os.listdir(next(iter(folders.values()))) if name.endswith(".py")}
+    model_files = {"configuration_hf_detr.py", "modeling_hf_detr.py", "queries.py", "layers.py", "kernels.py", "loss.py", "matching.py",
+                   "box_ops.py", "backbone.py", "memory.py", "heads.py", "deformable.py", "targets.py"}  # fmt: skip
+    assert saved == model_files
 
 
 # ------------------------------------------------------------------------------------------ invariants
@@ -164,7 +252,7 @@ def test_no_gradient_crosses_groups(query_type, inputs):
     model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type=query_type, num_query_groups=3)).train()
     builder = model.model.queries
     embedding = builder.anchor_embeddings if query_type == "anchor" else builder.position_embeddings
-    outputs = model.model(**inputs, box_head=model.bbox_predictor)
+    outputs = model.model(**inputs)
     group_1 = outputs.intermediate_hidden_states[:, :, 10:20]
     (grad,) = torch.autograd.grad(group_1.square().sum(), embedding.weight)
     assert grad[10:20].abs().sum() > 0  # its own queries
@@ -175,7 +263,7 @@ def test_denoising_queries_leak_nothing_to_matching_queries(inputs):
     torch.manual_seed(0)
     model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor", num_denoising_queries=12)).train()
     labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
-    outputs = model.model(**inputs, labels=labels, box_head=model.bbox_predictor, output_decoder_queries=True)
+    outputs = model.model(**inputs, labels=labels, output_decoder_queries=True)
     queries = outputs.decoder_queries
     assert queries.num_denoising == queries.denoising.num_groups * 3 == 12  # 12 // max 3 targets = 4 groups
     matching = outputs.intermediate_hidden_states[:, :, queries.num_denoising :]
@@ -190,7 +278,7 @@ def test_denoising_queries_leak_nothing_to_matching_queries(inputs):
     plain = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor")).train()
     _copy_matching(model, plain)
     with torch.no_grad():
-        expected = plain.model(**inputs, labels=labels, box_head=plain.bbox_predictor)
+        expected = plain.model(**inputs, labels=labels)
     torch.testing.assert_close(matching.detach(), expected.intermediate_hidden_states, rtol=1e-5, atol=1e-5)
 
 
@@ -209,7 +297,7 @@ def test_zero_denoising_queries_are_none(inputs):
 def test_denoising_queries_are_noised_ground_truth_within_bounds():
     labels = random_labels([3, 0, 2], 5, torch.Generator().manual_seed(4))
     exact = Denoising(num_labels=5, d_model=8, num_queries=6, label_noise=0.0, box_noise=0.0)
-    content, anchors, pairs = exact(labels, "cpu")
+    content, anchors, pairs = exact(check_labels(labels, 5), "cpu")
     assert pairs.num_groups == 2 and content.shape == (3, 6, 8) and anchors.shape == (3, 6, 4)
     for image, query, target in zip(pairs.image_idx.tolist(), pairs.query_idx.tolist(), pairs.target_idx.tolist()):
         torch.testing.assert_close(anchors[image, query].sigmoid(), labels[image]["boxes"][target], rtol=1e-4, atol=1e-4)
@@ -218,7 +306,7 @@ def test_denoising_queries_are_noised_ground_truth_within_bounds():
 
     torch.manual_seed(0)
     noisy = Denoising(num_labels=5, d_model=8, num_queries=600, label_noise=0.5, box_noise=0.4)
-    content, anchors, pairs = noisy(labels, "cpu")
+    content, anchors, pairs = noisy(check_labels(labels, 5), "cpu")
     truth = torch.cat([labels[i]["boxes"][t][None] for i, t in zip(pairs.image_idx.tolist(), pairs.target_idx.tolist())])
     noised = anchors[pairs.image_idx, pairs.query_idx].sigmoid()
     w_h = truth[:, 2:]
@@ -264,13 +352,13 @@ def test_look_forward_twice_changes_gradients_not_values(inputs):
     twice.load_state_dict(once.state_dict())
     with torch.no_grad():  # trained-looking box heads, so that refinement moves the anchors
         for model in (once, twice):
-            model.bbox_predictor.layers[-1].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
+            model.model.heads.box_heads[0].layers[-1].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
     labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
     a, b = once(**inputs, labels=labels), twice(**inputs, labels=labels)
     torch.testing.assert_close(a.loss, b.loss)
     # layer 1's boxes are relative to layer 0's refinement: detached, or not
     for model, reaches in ((once, False), (twice, True)):
-        references = model.model(**inputs, box_head=model.bbox_predictor).reference_boxes
+        references = model.model(**inputs).reference_boxes
         layer_0 = model.model.decoder.layers[0].mlp.fc2.weight
         (grad,) = torch.autograd.grad(references[1].sum(), layer_0, allow_unused=True)
         assert (grad is not None and grad.abs().sum() > 0) == reaches
@@ -285,8 +373,6 @@ def test_look_forward_twice_changes_gradients_not_values(inputs):
     [
         (dict(query_type="detr", num_denoising_queries=4), "num_denoising_queries"),
         (dict(query_type="conditional", look_forward_twice=True), "look_forward_twice"),
-        (dict(class_loss="sigmoid"), "class_loss"),
-        (dict(matcher_type="greedy"), "matcher_type"),
         (dict(num_query_groups=0), "num_query_groups"),
         (dict(denoising_label_noise=1.5), "denoising_label_noise"),
         (dict(focal_gamma=-1.0), "focal_gamma"),
