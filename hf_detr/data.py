@@ -245,6 +245,15 @@ HUB_DATASETS = {
 }
 
 
+def default_splits(name_or_path: str | Path) -> tuple[str, str]:
+    """(training split, evaluation split) of a dataset: train2017 / val2017 in a local COCO folder, a known
+    Hub dataset's own (`HUB_DATASETS`), else train / validation."""
+    if (Path(name_or_path) / "annotations").is_dir():
+        return "train2017", "val2017"
+    known = HUB_DATASETS.get(str(name_or_path))
+    return (known.train_split, known.eval_split) if known else ("train", "validation")
+
+
 def load_hub_detection_dataset(
     name: str, split: str, bbox_format: str | None = None, categories: CategoryMap | None = None,
     config_name: str | None = None, **load_kwargs,
@@ -493,3 +502,11 @@ def make_synthetic_coco(
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
     marker.write_text(json.dumps(params))
     return root
+
+
+def synthetic_dataset(num_train: int, num_val: int, image_size: int = 128) -> Path:
+    """The built-in dataset (`make_synthetic_coco`, seed 0) under $HF_DETR_CACHE (default ~/.cache/hf_detr),
+    written by the first call: what scripts/train.py and scripts/benchmark_convergence.py train on."""
+    cache = Path(os.environ.get("HF_DETR_CACHE", Path.home() / ".cache" / "hf_detr"))
+    root = cache / f"synthetic-{num_train}-{num_val}{'' if image_size == 128 else f'-{image_size}px'}"
+    return make_synthetic_coco(root, num_train=num_train, num_val=num_val, image_size=image_size, seed=0)
