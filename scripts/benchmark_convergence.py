@@ -94,7 +94,7 @@ def resolve_settings(args) -> dict:
     settings = dict(
         dataset_name=args.dataset_name, train_split=args.train_split, eval_split=args.eval_split,
         image_size=args.image_size or defaults["image_size"], max_size=args.image_size or defaults["max_size"],
-        augmentation=defaults["augmentation"], batch_size=args.batch_size or defaults["per_device_train_batch_size"],
+        augmentation=defaults["augmentation"], batch_size=args.per_device_train_batch_size or defaults["per_device_train_batch_size"],
         eval_batch_size=defaults["per_device_eval_batch_size"], learning_rate=args.learning_rate or defaults["learning_rate"],
         backbone_learning_rate=args.learning_rate or defaults["backbone_learning_rate"], weight_decay=defaults["weight_decay"],
         max_grad_norm=defaults["max_grad_norm"], lr_scheduler_type=defaults["lr_scheduler_type"],
@@ -416,7 +416,7 @@ def main(argv=None):
     parser.add_argument("--train_split", default=None)
     parser.add_argument("--eval_split", default=None)
     parser.add_argument("--image_size", type=int, default=None, help="default: the built-in run's (128)")
-    parser.add_argument("--batch_size", type=int, default=None, help="default: the built-in run's (16)")
+    parser.add_argument("--per_device_train_batch_size", "--batch_size", type=int, default=None, help="default: the built-in run's (16)")
     parser.add_argument("--learning_rate", type=float, default=None, help="default: the built-in run's (5e-4, backbone too)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (subprocesses); <= 1: one after the other in this process")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: CPUs / jobs)")

@@ -19,7 +19,7 @@ import benchmark_convergence as bench  # noqa: E402
 
 @pytest.fixture
 def quick_settings():
-    args = argparse.Namespace(dataset_name=None, train_split=None, eval_split=None, image_size=None, batch_size=None,
+    args = argparse.Namespace(dataset_name=None, train_split=None, eval_split=None, image_size=None, per_device_train_batch_size=None,
                               learning_rate=None, budget_steps=1500, num_evals=5, quick=True)  # fmt: skip
     return bench.resolve_settings(args)
 
