@@ -129,7 +129,21 @@ def load_data(args, accelerator):
             root = detr_data.synthetic_dataset(args.synthetic_train_images, args.synthetic_val_images)
         args.train_split, args.eval_split = "train", "val"
         train, categories = detr_data.load_coco_folder(root, "train")
-        return select_samples(train, detr_data.load_coco_folder(root, "val").dataset, args), categories, "hf_detr synthetic shapes"
+        val, dataset_label = detr_data.load_coco_folder(root, "val").dataset, "hf_detr synthetic shapes"
+    else:
+        train, val, categories = load_dataset_splits(args, accelerator)
+        dataset_label = args.dataset_name
+    # --max_train_samples / --max_eval_samples: the first N images of each split
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples is not None:
+        val = val.select(range(min(args.max_eval_samples, len(val))))
+    return (train, val), categories, dataset_label
+
+
+def load_dataset_splits(args, accelerator):
+    """--dataset_name's training and evaluation splits (its own names by default); a dataset without the
+    evaluation split gives --train_val_split of the training split instead, as transformers' examples do."""
     is_coco_folder = (Path(args.dataset_name) / "annotations").is_dir()
     eval_split_given = args.eval_split is not None
     train_split, eval_split = detr_data.default_splits(args.dataset_name)
@@ -144,7 +158,6 @@ def load_data(args, accelerator):
         except (FileNotFoundError, ValueError) as err:
             if eval_split_given or not detr_data.is_missing_split(err):
                 raise
-            # as transformers' examples do for datasets with a training split only
             logger.warning(
                 f"{args.dataset_name} has no {args.eval_split!r} split ({err}); holding out --train_val_split "
                 f"{args.train_val_split} of {args.train_split!r} for evaluation (seed {args.seed})"
@@ -152,16 +165,7 @@ def load_data(args, accelerator):
             parts = train.train_test_split(test_size=args.train_val_split, seed=args.seed)
             train, val = parts["train"], parts["test"]
             args.eval_split = f"{args.train_split}[held out {args.train_val_split}]"
-    return select_samples(train, val, args), categories, args.dataset_name
-
-
-def select_samples(train, val, args):
-    """--max_train_samples / --max_eval_samples: the first N images of each split."""
-    if args.max_train_samples is not None:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    if args.max_eval_samples is not None:
-        val = val.select(range(min(args.max_eval_samples, len(val))))
-    return train, val
+    return train, val, categories
 
 
 def build_model(args, categories):
