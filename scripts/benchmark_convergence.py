@@ -115,17 +115,16 @@ _DATA: dict[str, tuple] = {}  # loaded once per process
 
 def load_data(settings: dict):
     """-> (train, eval) Hub-schema datasets and the CategoryMap: the built-in data (where scripts/train.py
-    writes it) or a dataset's splits (its own by default, as scripts/train.py picks them)."""
+    writes it) or a dataset's splits, loaded as scripts/train.py loads them."""
     names = ("dataset_name", "train_split", "eval_split", "synthetic_train_images", "synthetic_val_images", "synthetic_image_size")
     key = json.dumps([settings[k] for k in names] + [os.environ.get("HF_DETR_CACHE")])
     if key not in _DATA:
         if settings["dataset_name"] is None:
-            root = detr_data.synthetic_dataset(settings["synthetic_train_images"], settings["synthetic_val_images"], settings["synthetic_image_size"])
-            name, train_split, eval_split = root, "train", "val"
+            sizes = (settings["synthetic_train_images"], settings["synthetic_val_images"], settings["synthetic_image_size"])
+            splits = detr_data.load_splits(detr_data.synthetic_dataset(*sizes), "train", "val")
         else:
-            name, (train_split, eval_split) = settings["dataset_name"], detr_data.default_splits(settings["dataset_name"])
-        train, categories = detr_data.load_detection_dataset(name, settings["train_split"] or train_split)
-        _DATA[key] = train, detr_data.load_detection_dataset(name, settings["eval_split"] or eval_split).dataset, categories
+            splits = detr_data.load_splits(settings["dataset_name"], settings["train_split"], settings["eval_split"])
+        _DATA[key] = splits.train, splits.eval, splits.categories
     return _DATA[key]
 
 

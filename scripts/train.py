@@ -26,7 +26,7 @@ from hf_detr import checkpoints, training
 from hf_detr import data as detr_data
 from hf_detr.convert import CONFIG_CONVERTERS, config_from_transformers_config
 from hf_detr.evaluation import COCO_METRIC_NAMES, evaluate_model
-from hf_detr.hub import hub_id, push_checkpoint, render_model_card
+from hf_detr.hub import base_model_id, push_checkpoint, render_model_card
 from hf_detr.speed import SDPA_BACKENDS, enable_fast_mode
 
 logger = get_logger(__name__)
@@ -122,50 +122,24 @@ def apply_defaults(args):
 
 
 def load_data(args, accelerator):
-    """-> ((train, eval) Hub-schema datasets, CategoryMap, dataset name for the card). The splits used are
+    """-> ((train, eval) Hub-schema datasets, CategoryMap, the dataset's name for the card). The splits used are
     written into `args`, so that a checkpoint records them."""
-    if args.dataset_name is None:
-        with accelerator.main_process_first():  # one process writes the images, the others wait
-            root = detr_data.synthetic_dataset(args.synthetic_train_images, args.synthetic_val_images)
-        args.train_split, args.eval_split = "train", "val"
-        train, categories = detr_data.load_coco_folder(root, "train")
-        val, dataset_label = detr_data.load_coco_folder(root, "val").dataset, "hf_detr synthetic shapes"
-    else:
-        train, val, categories = load_dataset_splits(args, accelerator)
-        dataset_label = args.dataset_name
-    # --max_train_samples / --max_eval_samples: the first N images of each split
+    name, dataset_label = args.dataset_name, args.dataset_name
+    kwargs = {"bbox_format": args.bbox_format, "config_name": args.dataset_config_name, "cache_dir": args.cache_dir}
+    if args.label_names:
+        kwargs["categories"] = detr_data.CategoryMap.from_names([label.strip() for label in args.label_names.split(",")])
+    with accelerator.main_process_first():  # one process writes or downloads the data, the others read its cache
+        if args.dataset_name is None:
+            name, dataset_label = detr_data.synthetic_dataset(args.synthetic_train_images, args.synthetic_val_images), "hf_detr synthetic shapes"
+            args.train_split, args.eval_split = "train", "val"
+        splits = detr_data.load_splits(name, args.train_split, args.eval_split, train_val_split=args.train_val_split, seed=args.seed, **kwargs)
+    args.train_split, args.eval_split = splits.train_split, splits.eval_split
+    train, val = splits.train, splits.eval
     if args.max_train_samples is not None:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples is not None:
         val = val.select(range(min(args.max_eval_samples, len(val))))
-    return (train, val), categories, dataset_label
-
-
-def load_dataset_splits(args, accelerator):
-    """--dataset_name's training and evaluation splits (its own names by default); a dataset without the
-    evaluation split gives --train_val_split of the training split instead, as transformers' examples do."""
-    is_coco_folder = (Path(args.dataset_name) / "annotations").is_dir()
-    eval_split_given = args.eval_split is not None
-    train_split, eval_split = detr_data.default_splits(args.dataset_name)
-    args.train_split, args.eval_split = args.train_split or train_split, args.eval_split or eval_split
-    kwargs = {} if is_coco_folder else {"bbox_format": args.bbox_format, "config_name": args.dataset_config_name, "cache_dir": args.cache_dir}
-    if args.label_names and not is_coco_folder:
-        kwargs["categories"] = detr_data.CategoryMap.from_names([name.strip() for name in args.label_names.split(",")])
-    with accelerator.main_process_first():  # one process downloads and prepares, the others read its cache
-        train, categories = detr_data.load_detection_dataset(args.dataset_name, args.train_split, **kwargs)
-        try:
-            val, _ = detr_data.load_detection_dataset(args.dataset_name, args.eval_split, **kwargs)
-        except (FileNotFoundError, ValueError) as err:
-            if eval_split_given or not detr_data.is_missing_split(err):
-                raise
-            logger.warning(
-                f"{args.dataset_name} has no {args.eval_split!r} split ({err}); holding out --train_val_split "
-                f"{args.train_val_split} of {args.train_split!r} for evaluation (seed {args.seed})"
-            )
-            parts = train.train_test_split(test_size=args.train_val_split, seed=args.seed)
-            train, val = parts["train"], parts["test"]
-            args.eval_split = f"{args.train_split}[held out {args.train_val_split}]"
-    return train, val, categories
+    return (train, val), splits.categories, dataset_label
 
 
 def build_model(args, categories):
@@ -327,11 +301,10 @@ def write_results(args, config, metrics, data_stats, result, best, dataset_label
     if best.summary():
         results["best_model"] = best.summary()
     checkpoints.write_text_atomic(output_dir / "eval_results.json", json.dumps(results, indent=2))
-    # the card's base_model: --model_name_or_path when it is a Hub id, else the checkpoint a local converted folder names
-    base_model = next((c for c in (args.model_name_or_path, getattr(config, "converted_from", None) if args.model_name_or_path else None) if c and hub_id(c)), None)
     card = render_model_card(
         metrics={k: metrics[k] for k in COCO_METRIC_NAMES}, dataset_name=dataset_label, training_args={k: v for k, v in vars(args).items() if k != "hub_token"},
-        model_id=args.hub_model_id, dataset_split=args.eval_split or "val", base_model=base_model, model_config=config,
+        model_id=args.hub_model_id, dataset_split=args.eval_split or "val", base_model=base_model_id(args.model_name_or_path, config),
+        model_config=config,
     )  # fmt: skip
     checkpoints.write_text_atomic(output_dir / "README.md", card)
     logger.info(f"run summary: {result.steps} steps ({result.skipped_nonfinite_steps} skipped: non-finite), final loss {final_loss}, data {data_stats}")
