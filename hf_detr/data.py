@@ -245,6 +245,15 @@ HUB_DATASETS = {
 }
 
 
+def default_splits(name_or_path: str | Path) -> tuple[str, str]:
+    """(training split, evaluation split) of a dataset: train2017 / val2017 in a local COCO folder, a known
+    Hub dataset's own (`HUB_DATASETS`), else train / validation."""
+    if (Path(name_or_path) / "annotations").is_dir():
+        return "train2017", "val2017"
+    known = HUB_DATASETS.get(str(name_or_path))
+    return (known.train_split, known.eval_split) if known else ("train", "validation")
+
+
 def load_hub_detection_dataset(
     name: str, split: str, bbox_format: str | None = None, categories: CategoryMap | None = None,
     config_name: str | None = None, **load_kwargs,
@@ -385,6 +394,39 @@ def load_detection_dataset(name_or_path: str | Path, split: str, **kwargs) -> De
     return load_hub_detection_dataset(str(name_or_path), split, **kwargs)
 
 
+class Splits(NamedTuple):
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    categories: CategoryMap
+    train_split: str
+    eval_split: str  # "<train split>[held out <fraction>]" when held out of the training split
+
+
+def load_splits(
+    name_or_path: str | Path, train_split: str | None = None, eval_split: str | None = None, *,
+    train_val_split: float = 0.15, seed: int = 0, **kwargs,
+) -> Splits:  # fmt: skip
+    """A dataset's training and evaluation splits, by default its own (`default_splits`). A dataset without
+    the evaluation split, when none was named, gives ``train_val_split`` of the training split instead
+    (seeded), as transformers' examples do. ``kwargs`` go to `load_hub_detection_dataset` (a COCO folder
+    takes none)."""
+    default_train, default_eval = default_splits(name_or_path)
+    train_name, eval_name = train_split or default_train, eval_split or default_eval
+    train, categories = load_detection_dataset(name_or_path, train_name, **kwargs)
+    try:
+        val = load_detection_dataset(name_or_path, eval_name, **kwargs).dataset
+    except (FileNotFoundError, ValueError) as err:
+        if eval_split is not None or not is_missing_split(err):
+            raise
+        logger.warning(
+            f"{name_or_path} has no {eval_name!r} split ({err}); holding out --train_val_split "
+            f"{train_val_split} of {train_name!r} for evaluation (seed {seed})"
+        )
+        parts = train.train_test_split(test_size=train_val_split, seed=seed)
+        train, val, eval_name = parts["train"], parts["test"], f"{train_name}[held out {train_val_split}]"
+    return Splits(train, val, categories, train_name, eval_name)
+
+
 # --- Synthetic shapes -------------------------------------------------------------------------------
 
 # Sparse ids on purpose, so the id <-> label mapping is exercised as with COCO's 1..90.
@@ -493,3 +535,11 @@ def make_synthetic_coco(
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
     marker.write_text(json.dumps(params))
     return root
+
+
+def synthetic_dataset(num_train: int, num_val: int, image_size: int = 128) -> Path:
+    """The built-in dataset (`make_synthetic_coco`, seed 0) under $HF_DETR_CACHE (default ~/.cache/hf_detr),
+    written by the first call: what scripts/train.py and scripts/benchmark_convergence.py train on."""
+    cache = Path(os.environ.get("HF_DETR_CACHE", Path.home() / ".cache" / "hf_detr"))
+    root = cache / f"synthetic-{num_train}-{num_val}{'' if image_size == 128 else f'-{image_size}px'}"
+    return make_synthetic_coco(root, num_train=num_train, num_val=num_val, image_size=image_size, seed=0)

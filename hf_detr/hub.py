@@ -60,6 +60,15 @@ def hub_id(name: str | None) -> str | None:
     return name
 
 
+def base_model_id(model_name_or_path: str | None, config: Any = None) -> str | None:
+    """The Hub model a fine-tuned checkpoint's weights started from (its card's `base_model`):
+    `model_name_or_path` when it is a Hub id, else the Hub checkpoint a local converted folder's config
+    names (`converted_from`); None for a model trained from scratch."""
+    if not model_name_or_path:
+        return None
+    return hub_id(model_name_or_path) or hub_id(getattr(config, "converted_from", None))
+
+
 def _hub_dataset_id(dataset_name: str | None) -> str | None:
     """`dataset_name` when it names a Hub dataset, None for a local folder or the synthetic set."""
     return hub_id(dataset_name)

@@ -1,8 +1,8 @@
 """Export an hf_detr checkpoint to ONNX, with a dynamic batch, height and width and the pixel mask as an input.
 
-    python scripts/export_onnx.py --model outputs/hf-detr-synthetic --output model.onnx
-    python scripts/export_onnx.py --model you/your-detr --output model.onnx --check   # compare onnxruntime with PyTorch
-    python scripts/export_onnx.py --model outputs/hf-detr-synthetic --output model.onnx --benchmark 20   # latency, side by side
+    python scripts/export_onnx.py --model_name_or_path outputs/hf-detr-synthetic --output model.onnx
+    python scripts/export_onnx.py --model_name_or_path you/your-detr --output model.onnx --check   # compare onnxruntime with PyTorch
+    python scripts/export_onnx.py --model_name_or_path outputs/hf-detr-synthetic --output model.onnx --benchmark 20   # latency, side by side
 
 The graph takes pixel_values [B, 3, H, W] float32 and pixel_mask [B, H, W] int64 (what the checkpoint's
 image processor makes) and gives logits [B, Q, C] and pred_boxes [B, Q, 4]; the processor's
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    p.add_argument("--model_name_or_path", "--model", required=True, help="checkpoint folder or Hub id")
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
     p.add_argument("--check", action="store_true", help="compare onnxruntime's outputs with PyTorch's")
@@ -96,14 +96,14 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
-    model = AutoModelForObjectDetection.from_pretrained(args.model, **kwargs).eval()
+    model = AutoModelForObjectDetection.from_pretrained(args.model_name_or_path, **kwargs).eval()
     path = export_onnx(model, args.output, opset_version=args.opset)
     logger.info(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if args.check:
-        differences = check(model, AutoImageProcessor.from_pretrained(args.model, **kwargs), path)
+        differences = check(model, AutoImageProcessor.from_pretrained(args.model_name_or_path, **kwargs), path)
         logger.info("onnxruntime vs PyTorch, max abs diff: " + ", ".join(f"{k} {v:.2e}" for k, v in differences.items()))
     if args.benchmark:
-        times = benchmark(model, AutoImageProcessor.from_pretrained(args.model, **kwargs), path, args.benchmark, args.batch_size)
+        times = benchmark(model, AutoImageProcessor.from_pretrained(args.model_name_or_path, **kwargs), path, args.benchmark, args.batch_size)
         logger.info(
             f"input {times['input_shape']}: PyTorch {times['pytorch_s'] * 1e3:.1f} ms, onnxruntime {times['onnxruntime_s'] * 1e3:.1f} ms "
             f"(median of {args.benchmark}), PyTorch / onnxruntime {times['pytorch_over_onnxruntime']:.2f}x"

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 import hf_detr
-from conftest import load_train_script, random_labels, tiny_config
+from conftest import random_labels, tiny_config
 from hf_detr.data import DETECTION_FEATURES, CategoryMap, DetectionDataset, load_coco_folder, make_synthetic_coco
 from hf_detr.evaluation import evaluate_model
 from hf_detr.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_transform
@@ -444,13 +444,6 @@ def test_truncated_safetensors_is_refused(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(SafetensorError, match="incomplete metadata, file not fully covered"):
         hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path)
-
-
-def test_a_checkpoint_left_half_written_by_a_kill_is_not_resumed_from(tmp_path):
-    train_script = load_train_script()
-    (tmp_path / "step_2").mkdir()
-    (tmp_path / "step_4.partial").mkdir()  # save_state was killed while writing step 4
-    assert train_script.find_checkpoint(tmp_path, "latest") == tmp_path / "step_2"
 
 
 # --- scripts/train.py: faults during and after training -------------------------------------------------

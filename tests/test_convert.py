@@ -188,7 +188,7 @@ def test_train_parity_with_transformers(inputs, kind):
     converted(**cast, labels=labels).loss.backward()
     ours, diffs, pairs = dict(converted.named_parameters()), {}, []
     for name, parameter in reference.named_parameters():
-        # the backbone's trainable stages differ by design (README: backbone freezing); a gradient that
+        # the backbone's trainable stages differ by design (docs/design.md, "Backbones"); a gradient that
         # is zero in exact arithmetic (e.g. self-attention key biases) is only rounding on both sides
         if "backbone" in name or name.startswith("model.decoder.bbox_embed.") or parameter.grad is None:
             continue

@@ -17,9 +17,12 @@ from hf_detr.data import (
     CategoryMap,
     DetectionDataset,
     collate_fn,
+    default_splits,
     load_coco_folder,
     load_hub_detection_dataset,
+    load_splits,
     make_synthetic_coco,
+    synthetic_dataset,
 )
 from hf_detr.transforms import (
     IMAGENET_MEAN,
@@ -432,3 +435,33 @@ def test_hub_schema_errors_name_the_column(tmp_path, objects, message):
     folder = _hub_folder(tmp_path, rows, None)
     with pytest.raises(ValueError, match=message):
         load_hub_detection_dataset(folder, "train")
+
+
+def test_default_splits_are_the_datasets_own(tmp_path):
+    make_synthetic_coco(tmp_path / "coco", num_train=1, num_val=1, image_size=32)
+    assert default_splits(tmp_path / "coco") == ("train2017", "val2017")  # a COCO folder as downloaded
+    assert default_splits("cppe-5") == ("train", "test") and default_splits("detection-datasets/coco") == ("train", "val")
+    assert default_splits("someone/unknown") == ("train", "validation")
+
+
+def test_load_splits_holds_out_part_of_the_training_split_only_when_no_evaluation_split_was_named(tmp_path, caplog):
+    root = make_synthetic_coco(tmp_path / "coco", num_train=8, num_val=2, image_size=32)
+    splits = load_splits(root, "train", "val")
+    assert (len(splits.train), len(splits.eval), splits.eval_split) == (8, 2, "val")
+    (root / "annotations" / "instances_val.json").unlink()  # a dataset with a training split only
+    with caplog.at_level(logging.WARNING):
+        held_out = load_splits(root, "train", train_val_split=0.25, seed=1)
+    assert (len(held_out.train), len(held_out.eval), held_out.eval_split) == (6, 2, "train[held out 0.25]")
+    assert not set(held_out.train["image_id"]) & set(held_out.eval["image_id"])
+    assert "has no 'val2017' split" in caplog.text
+    with pytest.raises(FileNotFoundError):  # a split asked for by name must exist
+        load_splits(root, "train", "val")
+
+
+def test_the_built_in_dataset_is_written_once_under_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DETR_CACHE", str(tmp_path))
+    root = synthetic_dataset(4, 2, image_size=32)
+    assert root == tmp_path / "synthetic-4-2-32px" and len(load_coco_folder(root, "train").dataset) == 4
+    marker = (root / "synthetic_done.json").stat().st_mtime_ns
+    assert synthetic_dataset(4, 2, image_size=32) == root and (root / "synthetic_done.json").stat().st_mtime_ns == marker
+    assert synthetic_dataset(4, 2).name == "synthetic-4-2"  # the built-in run's 128 pixels: no suffix

@@ -156,7 +156,7 @@ def test_explain_script_end_to_end(tmp_path):
     image = coco["images"][0]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     script = str(ROOT / "scripts" / "explain.py")
-    run = [sys.executable, script, "--model", str(tmp_path / "ckpt"), "--threshold", "0.1"]
+    run = [sys.executable, script, "--model_name_or_path", str(tmp_path / "ckpt"), "--threshold", "0.1"]
     single = subprocess.run(
         run + ["--image", str(root / "val" / image["file_name"]), "--annotations", str(root / "annotations" / "instances_val.json"),
                "--image_id", str(image["id"]), "--output_dir", str(tmp_path / "one")],
@@ -165,7 +165,7 @@ def test_explain_script_end_to_end(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     assert "matching.png" in (tmp_path / "one" / "index.html").read_text()
     split = subprocess.run(
-        run + ["--dataset", str(root), "--split", "val", "--output_dir", str(tmp_path / "slots")],
+        run + ["--dataset_name", str(root), "--split", "val", "--output_dir", str(tmp_path / "slots")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert split.returncode == 0, split.stderr[-3000:]
@@ -176,3 +176,16 @@ def _save(model, image_processor, folder):
     model.save_pretrained(folder)
     image_processor.save_pretrained(folder)
     return folder
+
+
+def test_explain_script_takes_the_argument_names_of_the_other_scripts():
+    """--model_name_or_path, --dataset_name, --max_eval_samples as in train.py / evaluate.py; the older names still parse."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("explain_script", ROOT / "scripts" / "explain.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for argv in (["--model_name_or_path", "ckpt", "--dataset_name", "coco", "--max_eval_samples", "3"],
+                 ["--model", "ckpt", "--dataset", "coco", "--max_images", "3"]):  # fmt: skip
+        args = script.parse_args([*argv, "--output_dir", "out"])
+        assert (args.model_name_or_path, args.dataset_name, args.max_eval_samples) == ("ckpt", "coco", 3), argv

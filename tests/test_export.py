@@ -75,7 +75,7 @@ def test_export_script_checks_onnxruntime_against_pytorch(tmp_path, caplog):
     import logging
 
     with caplog.at_level(logging.INFO):
-        script.main(["--model", str(tmp_path / "ckpt"), "--output", str(tmp_path / "model.onnx"), "--check", "--benchmark", "2"])
+        script.main(["--model_name_or_path", str(tmp_path / "ckpt"), "--output", str(tmp_path / "model.onnx"), "--check", "--benchmark", "2"])
     assert (tmp_path / "model.onnx").stat().st_size > 10_000
     line = next(r.getMessage() for r in caplog.records if "onnxruntime vs PyTorch" in r.getMessage())
     differences = [float(word) for word in line.replace(",", " ").split() if "e-" in word or word.replace(".", "").isdigit()]

@@ -14,7 +14,7 @@ from huggingface_hub import constants as hub_constants
 
 import hf_detr
 from hf_detr.evaluation import COCO_METRIC_NAMES
-from hf_detr.hub import push_checkpoint, render_model_card, save_eval_results, write_model_card
+from hf_detr.hub import base_model_id, push_checkpoint, render_model_card, save_eval_results, write_model_card
 
 from conftest import tiny_config
 from hub_server import LocalHub
@@ -179,3 +179,11 @@ def test_model_card_lists_the_framework_versions():
     for name, package in (("Transformers", "transformers"), ("PyTorch", "torch"), ("Accelerate", "accelerate"), ("Datasets", "datasets")):
         assert f"- {name} {importlib.metadata.version(package)}" in section, name
     assert "## Framework versions" not in render_model_card({"map": 0.1}, None, {}, None, versions={})
+
+
+def test_base_model_is_the_hub_model_the_weights_started_from(tmp_path):
+    converted = tiny_config(converted_from="facebook/detr-resnet-50")
+    assert base_model_id("facebook/detr-resnet-50") == "facebook/detr-resnet-50"
+    assert base_model_id(str(tmp_path), converted) == "facebook/detr-resnet-50"  # a local converted folder
+    assert base_model_id(str(tmp_path), tiny_config()) is None  # a local folder of unknown origin
+    assert base_model_id(None, converted) is None  # trained from scratch

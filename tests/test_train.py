@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import hf_detr
 from conftest import load_train_script, tiny_config
@@ -228,25 +227,6 @@ def test_hub_schema_dataset_with_a_training_split_only(tmp_path, tiny_checkpoint
 
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.base_model == "facebook/detr-resnet-50" and "## Framework versions" in card.text
-
-
-def test_cpu_is_forced_only_where_accelerate_finds_no_accelerator(monkeypatch):
-    """Accelerator(cpu=...) overrides the device accelerate would pick (and `accelerate config`): only where
-    accelerate itself finds no accelerator (this machine) is the CPU forced, e.g. an XPU, NPU, HPU or TPU
-    host gets its device."""
-    from accelerate import PartialState
-
-    train_script = load_train_script()
-    assert train_script.use_cpu()  # CI: no accelerator
-    # accelerate's own detection (PartialState.default_device) is what counts; how it finds a device differs
-    # between its versions (per-device checks in 1.x before 1.16, torch.accelerator since), so it is replaced whole
-    for device_type in ("xpu", "hpu", "mps", "cuda"):  # the device types this torch knows
-        with monkeypatch.context() as patch:
-            patch.setattr(PartialState, "default_device", property(lambda self, device_type=device_type: torch.device(device_type)))
-            assert not train_script.use_cpu(), device_type
-    with monkeypatch.context() as patch:
-        patch.setattr(train_script, "is_torch_xla_available", lambda *args, **kwargs: True)
-        assert not train_script.use_cpu()
 
 
 def test_the_lr_drop_defaults_to_detrs_with_a_dataset_and_to_the_built_in_runs_without():

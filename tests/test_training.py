@@ -1,0 +1,202 @@
+"""hf_detr.training: the run's argument checks, the optimizer and schedule, the non-finite step guard and the
+training loop that scripts/train.py and scripts/benchmark_convergence.py share (end to end: tests/test_train.py)."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+import hf_detr
+from conftest import tiny_config
+from hf_detr import data as detr_data
+from hf_detr import training
+
+
+def run_arguments(**overrides) -> argparse.Namespace:
+    """scripts/train.py's defaults for the arguments check_run_arguments reads."""
+    values = dict(max_consecutive_nonfinite_steps=10, eval_every_epoch=False, eval_strategy=None, eval_steps=None,
+                  train_val_split=0.15, checkpoints_total_limit=None)  # fmt: skip
+    return argparse.Namespace(**{**values, **overrides})
+
+
+BAD_ARGUMENTS = {
+    "max_consecutive_nonfinite_steps 0": (dict(max_consecutive_nonfinite_steps=0), "--max_consecutive_nonfinite_steps must be >= 1, got 0"),
+    "eval_every_epoch with steps": (dict(eval_every_epoch=True, eval_strategy="steps"), "--eval_every_epoch contradicts --eval_strategy steps"),
+    "eval_steps 0": (dict(eval_steps=0), "--eval_steps must be >= 1, got 0"),
+    "eval_steps with epoch": (dict(eval_steps=5, eval_strategy="epoch"), "--eval_steps 5 needs --eval_strategy steps, got --eval_strategy epoch"),
+    "steps without eval_steps": (dict(eval_strategy="steps"), "--eval_strategy steps needs --eval_steps N"),
+    "train_val_split 1": (dict(train_val_split=1.0), r"--train_val_split must be in \(0, 1\), got 1.0"),
+    "checkpoints_total_limit 0": (dict(checkpoints_total_limit=0), "--checkpoints_total_limit must be >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_contradicting_or_out_of_range_arguments_are_refused_by_name(case):
+    overrides, message = BAD_ARGUMENTS[case]
+    with pytest.raises(ValueError, match=message):
+        training.check_run_arguments(run_arguments(**overrides))
+
+
+def test_eval_strategy_follows_eval_every_epoch_and_eval_steps():
+    assert training.check_run_arguments(run_arguments(eval_every_epoch=True)).eval_strategy == "epoch"
+    assert training.check_run_arguments(run_arguments(eval_steps=3)).eval_strategy == "steps"
+    assert training.check_run_arguments(run_arguments()).eval_strategy is None  # run_defaults decides
+
+
+def test_train_script_turns_a_refused_argument_into_a_usage_error(capsys):
+    from conftest import load_train_script
+
+    with pytest.raises(SystemExit) as exit_info:
+        load_train_script().parse_args(["--eval_strategy", "steps"])
+    assert exit_info.value.code == 2 and "--eval_strategy steps needs --eval_steps N" in capsys.readouterr().err
+
+
+def test_a_training_split_without_a_full_batch_is_refused():
+    with pytest.raises(ValueError, match="the training split 'train' of /data/x has no images"):
+        training.check_train_split(0, 4, "train", "/data/x")
+    with pytest.raises(ValueError, match=r"has 3 images, fewer than one batch \(--per_device_train_batch_size 4\)"):
+        training.check_train_split(3, 4, "train", "/data/x")
+    training.check_train_split(4, 4, "train", "/data/x")
+
+
+def test_cpu_is_forced_only_where_accelerate_finds_no_accelerator(monkeypatch):
+    """Accelerator(cpu=...) overrides the device accelerate would pick (and `accelerate config`): only where
+    accelerate itself finds no accelerator (this machine) is the CPU forced, e.g. an XPU, NPU, HPU or TPU
+    host gets its device."""
+    from accelerate import PartialState
+
+    assert training.use_cpu()  # CI: no accelerator
+    # accelerate's own detection (PartialState.default_device) is what counts; how it finds a device differs
+    # between its versions (per-device checks in 1.x before 1.16, torch.accelerator since), so it is replaced whole
+    for device_type in ("xpu", "hpu", "mps", "cuda"):  # the device types this torch knows
+        with monkeypatch.context() as patch:
+            patch.setattr(PartialState, "default_device", property(lambda self, device_type=device_type: torch.device(device_type)))
+            assert not training.use_cpu(), device_type
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "is_torch_xla_available", lambda *args, **kwargs: True)
+        assert not training.use_cpu()
+
+
+def test_the_run_defaults_are_the_built_in_run_and_detrs_recipe():
+    built_in, detr = training.run_defaults(built_in=True), training.run_defaults(built_in=False)
+    assert (built_in["image_size"], built_in["learning_rate"], built_in["lr_drop_fraction"], built_in["eval_strategy"]) == (128, 5e-4, 0.8, "no")
+    assert (detr["image_size"], detr["learning_rate"], detr["backbone_learning_rate"], detr["eval_strategy"]) == (800, 1e-4, 1e-5, "epoch")
+    for defaults in (built_in, detr):
+        assert (defaults["weight_decay"], defaults["max_grad_norm"], defaults["lr_scheduler_type"]) == (1e-4, 0.1, "step")
+
+
+def test_optimizer_gives_the_backbone_its_own_learning_rate():
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(freeze_backbone_stages=0))
+    optimizer = training.build_optimizer(model, 1e-4, 1e-5, weight_decay=0.5)
+    rest, backbone = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert rest["lr"] == 1e-4 and backbone["lr"] == 1e-5 and rest["weight_decay"] == 0.5
+    assert backbone["params"] and all(names[id(p)].startswith("model.backbone.") for p in backbone["params"])
+    assert not any(names[id(p)].startswith("model.backbone.") for p in rest["params"])
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_step_schedule_drops_10x_after_its_step_whatever_the_process_count(num_processes):
+    """accelerate steps a prepared scheduler once per process per optimizer step: the schedule counts them."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = training.build_scheduler(optimizer, "step", max_train_steps=10, num_warmup_steps=2, lr_drop_fraction=0.8,
+                                         num_processes=num_processes)  # fmt: skip
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        for _ in range(num_processes):
+            scheduler.step()
+    assert training.lr_drop_step(10, 0.8) == 8
+    assert rates == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 1, 0.1, 0.1])
+
+
+def test_step_seeds_depend_only_on_where_the_run_is():
+    seeds = {training.step_seed(42, step, micro, process) for step in range(3) for micro in range(2) for process in range(2)}
+    assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
+    assert training.step_seed(42, 7, 0, 1) == training.step_seed(42, 7, 0, 1) != training.step_seed(43, 7, 0, 1)
+
+
+def live_bn_model():
+    return hf_detr.HfDetrForObjectDetection(tiny_config(freeze_backbone_stages=0, freeze_backbone_batch_norm=False))
+
+
+def test_guard_skips_a_non_finite_step_restores_the_batch_norms_and_stops_after_the_limit():
+    accelerator = Accelerator(cpu=True)
+    model = live_bn_model()
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    guard = training.NonFiniteStepGuard(accelerator, model, limit=2)
+    guard.add_loss(torch.tensor(1.0))
+    assert guard.step_ok(torch.tensor(0.5)) and guard.ok
+    before = norm.running_mean.clone()
+    norm.running_mean.fill_(float("nan"))  # what a forward pass over NaN pixels leaves behind
+    guard.add_loss(torch.tensor(float("nan")))
+    assert not guard.step_ok(torch.tensor(0.5)) and guard.reason == "non-finite loss"
+    assert guard.skip(3, float("nan"), [5, 6]) == {"step": 3, "loss": None, "skipped": "non-finite loss"}
+    assert torch.equal(norm.running_mean, before) and guard.skipped == 1
+    guard.stop_if_too_many()  # 1 in a row < 2
+    guard.add_loss(torch.tensor(1.0))
+    assert not guard.step_ok(torch.tensor(float("inf"))) and guard.reason == "non-finite gradient norm"
+    guard.skip(4, 1.0, [7])
+    with pytest.raises(RuntimeError, match=r"2 optimizer steps in a row had a non-finite gradient norm \(the last: step 4, images \[7\]\)"):
+        guard.stop_if_too_many()
+    guard.add_loss(torch.tensor(1.0))
+    assert guard.step_ok(None) and guard.in_a_row == 0 and guard.skipped == 2  # a good step resets the run of skips
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = detr_data.make_synthetic_coco(tmp_path_factory.mktemp("coco"), num_train=10, num_val=2, image_size=48, seed=1)
+    train, categories = detr_data.load_coco_folder(root, "train")
+    transform = detr_data.build_transform(train=True, image_size=48, max_size=48, augmentation="flip")
+    return train, categories, transform
+
+
+def prepared_run(tiny_data, seed=0, batch_size=4):
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    train, categories, transform = tiny_data
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    set_seed(seed)
+    dataset = detr_data.DetectionDataset(train, categories, transform, seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=detr_data.collate_fn)
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(num_labels=categories.num_labels, freeze_backbone_stages=0))
+    optimizer = training.build_optimizer(model, 1e-4, 1e-4)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = accelerator.prepare(training.build_scheduler(optimizer, "step", max_train_steps=5, lr_drop_fraction=0.6))
+    return accelerator, model, optimizer, scheduler, loader
+
+
+def test_loop_trains_the_steps_logs_each_and_calls_back_after_steps_and_epochs(tiny_data, tmp_path):
+    """10 images in batches of 4: 3 steps per epoch, so 5 steps end one step into the second epoch."""
+    accelerator, model, optimizer, scheduler, loader = prepared_run(tiny_data)
+    log_file = tmp_path / "train_log.jsonl"
+    log_file.write_text('{"step": 9, "loss": 1.0}\n')  # an earlier run's: a run from step 0 starts the log afresh
+    weights = [p.detach().clone() for p in model.parameters()]
+    steps, epochs = [], []
+    result = training.train_loop(
+        accelerator, model, optimizer, scheduler, loader, max_train_steps=5, seed=0, log_file=log_file,
+        after_step=lambda step, entry, last: steps.append((step, entry["loss"] is not None, last)),
+        after_epoch=lambda epoch, step, last: epochs.append((epoch, step, last)), progress=False,
+    )  # fmt: skip
+    assert steps == [(1, True, False), (2, True, False), (3, True, False), (4, True, False), (5, True, True)]
+    assert epochs == [(0, 3, False), (1, 5, True)]
+    log = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5]
+    assert [entry["lr"] for entry in log] == pytest.approx([1e-4, 1e-4, 1e-4, 1e-5, 1e-5])  # the drop after step 3
+    assert all(key in log[0] for key in ("loss", "loss_ce", "loss_bbox", "loss_giou"))
+    assert result.steps == 5 and result.skipped_nonfinite_steps == 0 and result.last_losses["loss"] == log[-1]["loss"]
+    assert any(not torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+def test_loop_resumed_at_a_step_trains_the_rest_of_its_epoch_only(tiny_data):
+    accelerator, model, optimizer, scheduler, loader = prepared_run(tiny_data)
+    steps = []
+    result = training.train_loop(
+        accelerator, model, optimizer, scheduler, loader, max_train_steps=5, seed=0, start_step=2, skipped_steps=1,
+        after_step=lambda step, entry, last: steps.append(step), progress=False,
+    )  # fmt: skip
+    assert steps == [3, 4, 5] and result.steps == 5 and result.skipped_nonfinite_steps == 1
