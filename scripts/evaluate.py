@@ -8,6 +8,9 @@ The checkpoint is loaded with `AutoModelForObjectDetection` / `AutoImageProcesso
 itself with them); a checkpoint of transformers' DETR, Conditional DETR or DAB-DETR is converted to hf_detr
 on the fly; the split goes through processor, model and `post_process_object_detection` with
 the original image sizes, and pycocotools' COCOeval scores it (`hf_detr.evaluation.evaluate_model`).
+The checkpoint's labels are matched to the split's categories by class name (`hf_detr.labels.match_labels`:
+the same classes under other ids, or in another order, are scored as the classes they are; classes on one
+side only are warned about; no class in common is an error).
 The metrics are printed as JSON and, with --output_file, written there, with `data_stats`: the images
 evaluated and those skipped (unreadable, or decoded at another size than the annotated one; each
 also named in a warning).
@@ -25,6 +28,7 @@ import hf_detr  # registers hf_detr with the Auto classes
 from hf_detr.convert import CONFIG_CONVERTERS
 from hf_detr.data import default_num_workers, load_detection_dataset
 from hf_detr.evaluation import evaluate_model
+from hf_detr.labels import match_labels
 from hf_detr.modeling_hf_detr import checkpoint_model_type
 
 logger = logging.getLogger(__name__)
@@ -63,32 +67,6 @@ def load_model(model_name_or_path, **kwargs):
     return model, image_processor
 
 
-def label_to_category(config, categories):
-    """What a predicted label means as a dataset category id.
-
-    The checkpoint's own `category_ids` win (train.py stores them); a checkpoint without them whose
-    label count matches the dataset uses the dataset's sorted-id map; otherwise the labels are taken
-    to be the category ids themselves, as in the original DETR checkpoints (91 COCO id slots).
-    """
-    if getattr(config, "category_ids", None):
-        if list(config.category_ids) != list(categories.category_ids):
-            logger.warning("checkpoint category ids differ from the dataset's; using the checkpoint's")
-        return list(config.category_ids)
-    if config.num_labels == categories.num_labels:
-        return categories
-    logger.warning(f"{config.num_labels} labels for {categories.num_labels} categories: labels taken as category ids")
-    return None
-
-
-def category_names(config, category_map, categories) -> dict[int, str]:
-    """Category id -> name for the per-class metrics: the dataset's names where its categories are used,
-    else the checkpoint's label names."""
-    if category_map is categories:
-        return dict(zip(categories.category_ids, categories.names))
-    ids = category_map if category_map is not None else range(config.num_labels)
-    return {int(c): config.id2label.get(label, str(c)) for label, c in enumerate(ids)}
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.dataloader_num_workers is None:
@@ -107,7 +85,11 @@ def main(argv=None):
         where = f"{args.dataset_name} [{args.split}]"
         logger.info(f"{len(dataset)} images of {where}, {accelerator.num_processes} process(es)")
 
-    category_map = label_to_category(model.config, categories)
+    # which dataset category each label means, by class name (hf_detr.labels: the rule train.py uses too)
+    category_map = match_labels(
+        model.config.id2label, categories, getattr(model.config, "category_ids", None),
+        model=args.model_name_or_path, dataset=f"{args.dataset_name} [{args.split}]",
+    )  # fmt: skip
     metrics, data_stats = evaluate_model(
         model,
         image_processor,
@@ -119,7 +101,7 @@ def main(argv=None):
         num_workers=args.dataloader_num_workers,
         return_stats=True,
         per_class=True,
-        category_names=category_names(model.config, category_map, categories),
+        category_names=dict(zip(categories.category_ids, categories.names)),
     )
     if accelerator.is_main_process:  # every process holds the same numbers; one prints them
         text = json.dumps({**metrics, "data_stats": data_stats}, indent=2)
