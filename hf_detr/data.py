@@ -38,6 +38,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from .box_format import check_box_format
 from .images import UNREADABLE_IMAGE_ERRORS, displayed_size
 
 # Re-exported: the training script gets everything data-related from this module.
@@ -128,7 +129,7 @@ def load_coco_folder(root: str | Path, split: str) -> DetectionData:
     as a Hub-schema dataset. Images without annotations are kept (empty ``objects``).
 
     The file is checked first (`check_coco_json`): any structural error raises ValueError naming the
-    file and the image or annotation."""
+    file and the image or annotation; then its boxes (`check_box_format`)."""
     root = Path(root)
     ann_file = root / "annotations" / f"instances_{split}.json"
     if not ann_file.is_file():
@@ -154,7 +155,12 @@ def load_coco_folder(root: str | Path, split: str) -> DetectionData:
         "height": [im["height"] for im in images],
         "objects": [objects[im["id"]] for im in images],
     }
-    return DetectionData(datasets.Dataset.from_dict(columns, features=DETECTION_FEATURES), categories)
+    dataset = datasets.Dataset.from_dict(columns, features=DETECTION_FEATURES)
+    check_box_format(dataset, "xywh", str(ann_file), argument=None)
+    return DetectionData(dataset, categories)
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _is_int(value: Any) -> bool:
@@ -178,15 +184,18 @@ def _value(record: Any, key: str, where: str, check=_is_int, kind: str = "an int
     value = record[key]
     if not check(value):
         raise ValueError(f"{where}: {key!r} must be {kind}, got {type(value).__name__} {value!r}")
+    if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{where}: {key!r} must fit in 64 bits (ids and sizes are stored as int64), got {value}")
     return value
 
 
 def check_coco_json(coco: Any, ann_file: str | Path) -> None:
     """Raise ValueError naming ``ann_file`` and the image, annotation or category of the first
     structural error of a COCO detection file: a missing key or a value of the wrong type (ids are
-    integers, ``file_name`` a string, ``width``/``height`` positive integers, ``bbox`` 4 finite
-    numbers, ``area`` a number, ``iscrowd`` 0/1 or a bool), a repeated image or category id, an
-    annotation whose image or category is not declared. ``annotations`` may be absent (image lists)."""
+    integers that fit in int64, ``file_name`` a string, ``width``/``height`` positive integers, ``bbox`` 4
+    finite numbers, ``area`` a number, ``iscrowd`` 0/1 or a bool), a repeated image or category id, a
+    ``file_name`` that leaves the split's folder (absolute, or through ``..``) or that two image ids share,
+    an annotation whose image or category is not declared. ``annotations`` may be absent (image lists)."""
     if not isinstance(coco, Mapping):
         raise ValueError(f"{ann_file}: must hold a JSON object, got {type(coco).__name__}")
     for key in ("images", "categories") + (("annotations",) if "annotations" in coco else ()):
@@ -201,6 +210,7 @@ def check_coco_json(coco: Any, ann_file: str | Path) -> None:
             raise ValueError(f"{where}: category id {category_id} is declared twice")
         category_ids.add(category_id)
     file_names: dict[int, str] = {}
+    image_of_file: dict[str, int] = {}
     for i, image in enumerate(coco["images"]):
         where = f"image {image.get('id') if isinstance(image, Mapping) else '?'} (images[{i}]) in {ann_file}"
         image_id = _value(image, "id", where)
@@ -213,6 +223,20 @@ def check_coco_json(coco: Any, ann_file: str | Path) -> None:
                 "image ids must be unique"
             )
         file_names[image_id] = file_name
+        path = os.path.normpath(file_name)
+        if os.path.isabs(path) or path == "." or path.split(os.sep)[0] == "..":
+            raise ValueError(
+                f"{where}: file_name {file_name!r} is not a file inside the split's image folder; file names must be "
+                "relative paths that stay inside it"
+            )
+        # One file under two ids would train as two images, each with part of the file's boxes (the others
+        # then teach "no object" where there is one). Which id the file keeps is the file's author's call.
+        if path in image_of_file:
+            raise ValueError(
+                f"{ann_file}: images {image_of_file[path]} and {image_id} are the same file {file_name!r}; list each "
+                "image once, with all its annotations under one image id"
+            )
+        image_of_file[path] = image_id
     for i, ann in enumerate(coco.get("annotations", ())):
         if isinstance(ann, Mapping):
             where = f"annotation {ann.get('id')} (image {ann.get('image_id')}) in {ann_file}"
@@ -254,6 +278,9 @@ def load_hub_detection_dataset(
     ``bbox_format``: "xywh" or "xyxy" pixels; default from `HUB_DATASETS`, else "xywh".
     ``categories``: needed only when ``objects.category`` is not a ClassLabel (integer class ids: label i is
     ``categories``' i-th, e.g. `CategoryMap.from_names`); anything else is a ValueError naming the column.
+    Given for a ClassLabel, it must be the ClassLabel's names (else ValueError naming both lists).
+    The boxes are checked against the images (`check_box_format`): boxes that fit far better in the other
+    format are a ValueError naming ``--bbox_format``.
     The common spellings of the object fields are read: ``bbox`` / ``bboxes``, ``category`` / ``label`` /
     ``labels`` / ``category_id``. Without ``width`` / ``height`` columns, they are read from the images'
     headers (EXIF orientation applied).
@@ -273,10 +300,19 @@ def load_hub_detection_dataset(
     bbox_key = _spelling(obj_features, BBOX_SPELLINGS, where)
     category_key = _spelling(obj_features, CATEGORY_SPELLINGS, where)
     category_feature = getattr(obj_features[category_key], "feature", obj_features[category_key])
+    if isinstance(category_feature, datasets.ClassLabel):
+        declared = CategoryMap.from_names(category_feature.names)
+        # The ClassLabel says which class each id is; names given as well must say the same, or one of the
+        # two is wrong, and training on the given ones would teach a dog where the data says cat.
+        if categories is not None and categories != declared:
+            raise ValueError(
+                f"{where}: the class names given (train.py --label_names) {categories.names} disagree with the names "
+                f"of objects.{category_key}'s ClassLabel {declared.names} (label i is its i-th name): leave out "
+                "--label_names to use the ClassLabel's, or fix the dataset's ClassLabel"
+            )
+        categories = declared
     if categories is None:
-        if isinstance(category_feature, datasets.ClassLabel):
-            categories = CategoryMap.from_names(category_feature.names)
-        elif getattr(category_feature, "dtype", "").startswith(("int", "uint")):
+        if getattr(category_feature, "dtype", "").startswith(("int", "uint")):
             raise ValueError(
                 f"{where}: objects.{category_key} holds integer class ids without class names (not a ClassLabel): "
                 "name them, label i the i-th (train.py --label_names, or categories=CategoryMap.from_names([...]))"
@@ -306,6 +342,8 @@ def load_hub_detection_dataset(
                 boxes[:, 2:] -= boxes[:, :2]
             n = len(boxes)
             ids = objs.get("id", objs.get("bbox_id")) or [row * 10_000 + j for j in range(n)]
+            if any(not INT64_MIN <= int(i) <= INT64_MAX for i in ids):
+                raise ValueError(f"{where} row {row}: objects.id must fit in 64 bits (stored as int64), got {ids}")
             out.append({
                 "id": ids, "bbox": boxes.tolist(), "category": objs[category_key],
                 "area": objs.get("area") or (boxes[:, 2] * boxes[:, 3]).tolist(),
@@ -322,7 +360,11 @@ def load_hub_detection_dataset(
     ds = datasets.concatenate_datasets([rest, objects], axis=1)
     for column in ("image_id", "width", "height"):
         if ds.features[column] != DETECTION_FEATURES[column]:
-            ds = ds.cast_column(column, DETECTION_FEATURES[column])
+            try:
+                ds = ds.cast_column(column, DETECTION_FEATURES[column])
+            except (OverflowError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+                raise ValueError(f"{where}: column {column!r} must hold integers that fit in 64 bits (int64): {err}") from None
+    check_box_format(ds, bbox_format, where)
     return DetectionData(ds, categories)
 
 
