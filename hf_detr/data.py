@@ -14,9 +14,11 @@ Every source ends up with the Hub object-detection schema (as in ``cppe-5``), on
 A `CategoryMap` translates category ids to the contiguous labels 0..K-1 the model predicts.
 
 Bad data policy: structural errors in an annotation file (a missing key, a value of the wrong type,
-a non-finite box, a repeated image id, an annotation whose image or category is not declared) raise
-ValueError naming the file and the annotation and image ids: the file must be fixed, silently
-changing the class set or the boxes would be worse. Problems a training run can live with are fixed
+an id beyond int64, a non-finite box, a repeated image id, a file name outside the split's folder or
+under two image ids, an annotation whose image or category is not declared) raise ValueError naming
+the file and the annotation and image ids: the file must be fixed, silently changing the class set or
+the boxes would be worse. So do boxes in the other format than they are read in and boxes of negative
+size (`hf_detr.box_format`), and class names given for a ClassLabel that names its classes otherwise. Problems a training run can live with are fixed
 or skipped and counted in `DataStats` by `hf_detr.transforms` (clipped boxes, boxes with no area,
 crowd boxes, unreadable image files, images whose size is not the annotated one).
 """
@@ -124,16 +126,49 @@ class DetectionData(NamedTuple):
     categories: CategoryMap
 
 
+def coco_folder_splits(root: str | Path) -> list[str]:
+    """The splits of a COCO-layout folder: ``<split>`` of each ``root/annotations/instances_<split>.json``
+    (COCO's own ``train2017``, ``val2017``; ``train``, ``val`` in hf_detr's synthetic folders)."""
+    files = (Path(root) / "annotations").glob("instances_*.json")
+    return sorted(file.name[len("instances_") : -len(".json")] for file in files if file.is_file())
+
+
+# The names a split for training / for evaluation goes by, in order of preference.
+TRAIN_SPLITS = ("train2017", "train")
+EVAL_SPLITS = ("val2017", "val", "validation", "test")
+
+
+def default_splits(name_or_path: str | Path) -> tuple[str, str]:
+    """(training split, evaluation split) of a dataset, for when none is named: a COCO folder's own (see
+    `coco_folder_splits`: the first of `TRAIN_SPLITS` / `EVAL_SPLITS` it has, else the first split whose name
+    starts with "train" / "val"), a known Hub dataset's (`HUB_DATASETS`), else "train" / "validation". A
+    split that is not there is reported, with the ones that are, when it is loaded."""
+    if (Path(name_or_path) / "annotations").is_dir():
+        splits = coco_folder_splits(name_or_path)
+
+        def pick(preferred: tuple[str, ...], prefix: str) -> str:
+            found = [name for name in preferred if name in splits] or [name for name in splits if name.startswith(prefix)]
+            return found[0] if found else preferred[0]
+
+        return pick(TRAIN_SPLITS, "train"), pick(EVAL_SPLITS, "val")
+    known = HUB_DATASETS.get(str(name_or_path))
+    return (known.train_split, known.eval_split) if known else ("train", "validation")
+
+
 def load_coco_folder(root: str | Path, split: str) -> DetectionData:
     """A COCO-layout folder (``root/annotations/instances_<split>.json``, images in ``root/<split>/``)
     as a Hub-schema dataset. Images without annotations are kept (empty ``objects``).
 
     The file is checked first (`check_coco_json`): any structural error raises ValueError naming the
-    file and the image or annotation; then its boxes (`check_box_format`)."""
+    file and the image or annotation; then its boxes (`check_box_format`). A split the folder does not
+    have is a FileNotFoundError listing the ones it has."""
     root = Path(root)
     ann_file = root / "annotations" / f"instances_{split}.json"
     if not ann_file.is_file():
-        raise FileNotFoundError(f"no COCO annotation file {ann_file}")
+        raise FileNotFoundError(
+            f"no COCO annotation file {ann_file}: the splits of {root} are {coco_folder_splits(root)} "
+            "(annotations/instances_<split>.json); name one with --train_split / --eval_split (scripts/evaluate.py: --split)"
+        )
     try:
         coco = json.loads(ann_file.read_text())
     except json.JSONDecodeError as err:

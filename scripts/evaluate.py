@@ -26,7 +26,7 @@ from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 import hf_detr  # registers hf_detr with the Auto classes
 from hf_detr.convert import CONFIG_CONVERTERS
-from hf_detr.data import default_num_workers, load_detection_dataset
+from hf_detr.data import default_num_workers, default_splits, load_detection_dataset
 from hf_detr.evaluation import evaluate_model
 from hf_detr.labels import match_labels
 from hf_detr.modeling_hf_detr import checkpoint_model_type
@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", required=True, help="checkpoint folder or Hub model id")
     p.add_argument("--dataset_name", required=True, help="Hub dataset id or local COCO folder")
-    p.add_argument("--split", default="val", help="split name (COCO folders: instances_<split>.json)")
+    p.add_argument("--split", default=None,
+                   help="split name (COCO folders: instances_<split>.json); default: the dataset's own (val2017 / val / validation)")  # fmt: skip
     p.add_argument("--bbox_format", choices=["xywh", "xyxy"], default=None, help="Hub datasets: box format")
     p.add_argument("--max_eval_samples", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--per_device_eval_batch_size", type=int, default=8)
@@ -77,6 +78,7 @@ def main(argv=None):
     kwargs = dict(revision=args.revision, trust_remote_code=args.trust_remote_code)
     model, image_processor = load_model(args.model_name_or_path, **kwargs)
     model = model.to(accelerator.device)
+    args.split = args.split or default_splits(args.dataset_name)[1]
     load_kwargs = {"bbox_format": args.bbox_format} if args.bbox_format else {}
     dataset, categories = load_detection_dataset(args.dataset_name, args.split, **load_kwargs)
     if args.max_eval_samples is not None:

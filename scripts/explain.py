@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.5, help="score from which a query counts as a detection")
     p.add_argument("--training_queries", action="store_true", help="also build every query group (and denoising queries)")
     p.add_argument("--dataset", default=None, help="Hub dataset id or local COCO folder: statistics over a split")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default=None, help="default: the dataset's own (val2017 / val / validation)")
     p.add_argument("--max_images", type=int, default=None)
     p.add_argument("--trust_remote_code", action="store_true")
     args = p.parse_args(argv)
@@ -69,6 +69,7 @@ def main(argv=None):
         page = write_report(explanation, args.output_dir, title=f"{Path(args.image).name} through {args.model}")
         logger.info(f"{len(explanation.detections())} detections over {args.threshold}; wrote {page}")
     else:
+        args.split = args.split or detr_data.default_splits(args.dataset)[1]
         dataset = detr_data.load_detection_dataset(args.dataset, args.split).dataset
         examples = islice(dataset, args.max_images) if args.max_images else dataset
         statistics = query_statistics(model, examples, image_processor=processor)

@@ -184,11 +184,10 @@ def load_data(args, accelerator):
         val, _ = detr_data.load_coco_folder(root, "val")
         return select_samples(train, val, args), categories, "hf_detr synthetic shapes"
     is_coco_folder = (Path(args.dataset_name) / "annotations").is_dir()
-    known = detr_data.HUB_DATASETS.get(args.dataset_name)
     eval_split_given = args.eval_split is not None
-    # resolved here, so a checkpoint records the splits actually used
-    args.train_split = args.train_split or ("train2017" if is_coco_folder else known.train_split if known else "train")
-    args.eval_split = args.eval_split or ("val2017" if is_coco_folder else known.eval_split if known else "validation")
+    # resolved here, so a checkpoint records the splits actually used (a COCO folder's: the ones it has)
+    train_split, eval_split = detr_data.default_splits(args.dataset_name)
+    args.train_split, args.eval_split = args.train_split or train_split, args.eval_split or eval_split
     kwargs = {} if is_coco_folder else {"bbox_format": args.bbox_format, "config_name": args.dataset_config_name, "cache_dir": args.cache_dir}
     if args.label_names and not is_coco_folder:
         kwargs["categories"] = detr_data.CategoryMap.from_names([name.strip() for name in args.label_names.split(",")])

@@ -432,3 +432,34 @@ def test_hub_schema_errors_name_the_column(tmp_path, objects, message):
     folder = _hub_folder(tmp_path, rows, None)
     with pytest.raises(ValueError, match=message):
         load_hub_detection_dataset(folder, "train")
+
+
+# --- splits of a local COCO folder ----------------------------------------------------------------------
+
+
+def test_a_coco_folders_own_splits_are_found_and_a_missing_one_is_named(tmp_path):
+    """hf_detr's own layout (instances_train.json, instances_val.json) trains without --train_split /
+    --eval_split; COCO's own names come first; a split the folder lacks is an error listing the ones it has."""
+    from accelerate import PartialState
+
+    from conftest import load_train_script
+    from hf_detr.data import coco_folder_splits, default_splits
+
+    root = make_synthetic_coco(tmp_path / "ours", num_train=4, num_val=2, image_size=32)
+    assert coco_folder_splits(root) == ["train", "val"] and default_splits(root) == ("train", "val")
+    train = load_train_script()
+    args = train.parse_args(["--dataset_name", str(root)])
+    (train_data, eval_data), categories, _ = train.load_data(args, PartialState())
+    assert (args.train_split, args.eval_split, len(train_data), len(eval_data)) == ("train", "val", 4, 2)
+
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017", "train"):
+        (coco / "annotations" / f"instances_{split}.json").write_text("{}")
+    assert default_splits(coco) == ("train2017", "val2017")
+    assert default_splits("detection-datasets/coco") == ("train", "val") and default_splits("user/other") == ("train", "validation")
+    with pytest.raises(FileNotFoundError, match=(
+        r"no COCO annotation file \S*instances_test\.json: the splits of \S*ours are \['train', 'val'\] "
+        r"\(annotations/instances_<split>\.json\); name one with --train_split / --eval_split"
+    )):  # fmt: skip
+        load_coco_folder(root, "test")

@@ -133,8 +133,9 @@ def test_evaluate_script_scores_the_classes_by_name(named_checkpoint, tmp_path, 
         dataset = hub_copy(tmp_path / "hub", examples)
     else:  # the same ids, the names of 1 and 3 swapped: a cat is category 3 here
         dataset = coco_copy(tmp_path / "coco", examples, {1: "dog", 3: "cat", 7: "bird"}, {"cat": 3, "dog": 1, "bird": 7})
-    split = "validation" if copy.startswith("Hub") else "val"  # datasets names a val.parquet file's split so
-    argv = ["--model_name_or_path", str(folder), "--dataset_name", str(dataset), "--split", split, "--dataloader_num_workers", "0"]
+    argv = ["--model_name_or_path", str(folder), "--dataset_name", str(dataset), "--dataloader_num_workers", "0"]
+    if copy.startswith("Hub"):  # datasets names a val.parquet file's split so; a COCO folder's "val" is found
+        argv += ["--split", "validation"]
     with caplog.at_level(logging.WARNING):
         metrics = evaluate_script().main(argv)
     assert metrics["map"] == pytest.approx(1.0), copy
