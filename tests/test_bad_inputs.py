@@ -516,6 +516,14 @@ def model_inputs(case):
         pixel_mask = pixel_mask[:1]
     elif case == "pixel_mask all zeros":
         pixel_mask[1] = 0
+    elif case == "uint8 pixel_values":
+        pixel_values = (pixel_values.clamp(-2, 2) * 60 + 128).to(torch.uint8)
+    elif case == "channels-last pixel_values":
+        pixel_values = pixel_values.permute(0, 2, 3, 1)
+    elif case == "numpy pixel_values":
+        pixel_values = pixel_values.numpy()
+    elif case == "one image without the batch dimension":
+        pixel_values, pixel_mask, labels = pixel_values[0], None, None
     return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels}
 
 
@@ -526,6 +534,10 @@ MODEL_INPUT_CASES = {
     "pixel_mask of another size": r"pixel_mask must be \[batch_size, height, width\] = \(2, 64, 64\) .*got \(2, 32, 32\)",
     "pixel_mask of one image for two": r"pixel_mask must be \[batch_size, height, width\] = \(2, 64, 64\) .*got \(1, 64, 64\)",
     "pixel_mask all zeros": r"pixel_mask of image\(s\) \[1\] is all zeros",
+    "uint8 pixel_values": r"pixel_values must be a floating-point tensor \(the image processor's normalised pixels\), got torch\.uint8 of shape \(2, 3, 64, 64\)",
+    "channels-last pixel_values": r"pixel_values must be \[batch_size, channels, height, width\], got shape \(2, 64, 64, 3\): channels last\? pass pixel_values\.permute\(0, 3, 1, 2\)",
+    "numpy pixel_values": r"pixel_values must be a torch\.Tensor \[batch_size, channels, height, width\] .*got ndarray of shape \(2, 3, 64, 64\)",
+    "one image without the batch dimension": r"got shape \(3, 64, 64\) \(one image\? add the batch dimension: pixel_values\[None\]\)",
 }
 
 
