@@ -28,6 +28,7 @@ import hf_detr  # registers hf_detr with the Auto classes
 from hf_detr.convert import CONFIG_CONVERTERS
 from hf_detr.data import default_num_workers, default_splits, load_detection_dataset
 from hf_detr.evaluation import evaluate_model
+from hf_detr.image_processing import fit_image_processor
 from hf_detr.labels import match_labels
 from hf_detr.modeling_hf_detr import checkpoint_model_type
 
@@ -58,14 +59,16 @@ def load_model(model_name_or_path, **kwargs):
     model_type = checkpoint_model_type(model_name_or_path, revision=kwargs.get("revision"))
     if model_type not in CONFIG_CONVERTERS:
         model = AutoModelForObjectDetection.from_pretrained(model_name_or_path, **kwargs)
-        return model, AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
-    model = hf_detr.HfDetrForObjectDetection.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
-    except OSError:
-        logger.info(f"{model_name_or_path} has no image processor: using hf_detr.image_processor_for(its config)")
-        image_processor = hf_detr.image_processor_for(model.config)
-    return model, image_processor
+        image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
+    else:
+        model = hf_detr.HfDetrForObjectDetection.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
+        except OSError:
+            logger.info(f"{model_name_or_path} has no image processor: using hf_detr.image_processor_for(its config)")
+            image_processor = hf_detr.image_processor_for(model.config)
+    # a processor whose post-processing does not fit the class loss would score the wrong classes
+    return model, fit_image_processor(image_processor, model.config, f"{model_name_or_path}'s image processor")
 
 
 def main(argv=None):

@@ -31,6 +31,7 @@ from hf_detr import data as detr_data
 from hf_detr.convert import CONFIG_CONVERTERS, config_from_transformers_config
 from hf_detr.evaluation import COCO_METRIC_NAMES, evaluate_model
 from hf_detr.hub import hub_id, push_checkpoint, render_model_card
+from hf_detr.image_processing import fit_image_processor
 from hf_detr.speed import SDPA_BACKENDS, enable_fast_mode
 
 logger = get_logger(__name__)
@@ -279,7 +280,8 @@ def build_model(args, categories):
 def build_image_processor(args, config):
     """--image_processor_name, or the processor whose post-processing fits the model's class loss, at the run's sizes."""
     if args.image_processor_name:
-        return AutoImageProcessor.from_pretrained(args.image_processor_name, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
+        given = AutoImageProcessor.from_pretrained(args.image_processor_name, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
+        return fit_image_processor(given, config, f"--image_processor_name {args.image_processor_name}")
     return hf_detr.image_processor_for(config, size={"shortest_edge": args.image_size, "longest_edge": args.max_size})
 
 
