@@ -554,6 +554,7 @@ def train(args):
         collate_fn=detr_data.collate_fn, num_workers=args.dataloader_num_workers,
     )  # fmt: skip
     model = build_model(args, categories)
+    train_set.check_num_queries(model.config.num_queries)  # warned about and counted in the run's data_stats
     image_processor = build_image_processor(args, model.config)
     enable_fast_mode(model, compile=args.torch_compile, sdpa_backend=args.sdpa_backend)
     optimizer = build_optimizer(model, args)

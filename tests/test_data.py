@@ -463,3 +463,26 @@ def test_a_coco_folders_own_splits_are_found_and_a_missing_one_is_named(tmp_path
         r"\(annotations/instances_<split>\.json\); name one with --train_split / --eval_split"
     )):  # fmt: skip
         load_coco_folder(root, "test")
+
+
+def test_images_with_more_objects_than_queries_are_warned_about_and_counted(tmp_path, caplog):
+    """The matcher pairs each query with at most one object: with 3 queries, the 4th and 5th objects of an
+    image are never learned. Crowd boxes are not targets and do not count."""
+    def objects(n, crowd=0):
+        boxes = [[2.0 * i, 2.0 * i, 5.0, 5.0] for i in range(n + crowd)]
+        return {"id": list(range(n + crowd)), "bbox": boxes, "category": [1] * (n + crowd), "area": [25.0] * (n + crowd),
+                "iscrowd": [0] * n + [1] * crowd}  # fmt: skip
+
+    rows = {"image": [None] * 3, "image_id": [7, 8, 9], "width": [64] * 3, "height": [48] * 3,
+            "objects": [objects(5), objects(3, crowd=2), objects(4)]}  # fmt: skip
+    dataset = DetectionDataset(datasets.Dataset.from_dict(rows, features=DETECTION_FEATURES), CategoryMap([1], ["a"]),
+                               build_eval_transform(48, 64))  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert dataset.check_num_queries(3) == 2
+    assert dataset.stats.as_dict()["images_over_num_queries"] == 2
+    assert (
+        "2 training images have more objects than the model's 3 queries (num_queries), e.g. image 7 (5), image 9 (4): "
+        "the objects beyond 3 in an image are never matched, so never learned; the most, 5, are in image 7"
+    ) in caplog.text
+    caplog.clear()
+    assert dataset.check_num_queries(5) == 0 and dataset.stats.images_over_num_queries == 0 and not caplog.text
