@@ -2,9 +2,10 @@
 
     # one image: every decoder layer's predictions, where each detection and a few pixels attend
     python scripts/explain.py --model outputs/hf-detr-synthetic --image photo.jpg --output_dir explain/
-    # ... with its ground truth: the Hungarian matching per layer and the cost of each matched pair
+    # ... with its ground truth: the Hungarian matching per layer and the cost of each matched pair (the image's
+    # entry is found by its file name; --image_id N picks it by id, and is checked to be this file)
     python scripts/explain.py --model outputs/hf-detr-synthetic --image val/000003.jpg \\
-        --annotations annotations/instances_val.json --image_id 3 --output_dir explain/
+        --annotations annotations/instances_val.json --output_dir explain/
     # over a split: where each query slot predicts (DETR's figure 7) and how often it is matched, per class
     python scripts/explain.py --model outputs/hf-detr-synthetic --dataset /data/coco --split val2017 --output_dir slots/
 
@@ -23,7 +24,7 @@ from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 import hf_detr  # noqa: F401  (registers hf_detr with the Auto classes)
 from hf_detr import data as detr_data
-from hf_detr.explain import explain, labels_from_coco, query_statistics
+from hf_detr.explain import coco_image_of, explain, labels_from_coco, query_statistics
 from hf_detr.visualize import write_dataset_report, write_report
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="checkpoint folder or Hub id")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--image", default=None, help="an image file")
-    p.add_argument("--annotations", default=None, help="a COCO json with the image's ground truth (with --image_id)")
-    p.add_argument("--image_id", type=int, default=None)
+    p.add_argument("--annotations", default=None, help="a COCO json with the image's ground truth (found by its file name)")
+    p.add_argument("--image_id", type=int, default=None, help="with --annotations: the image's id there (checked against its file name)")
     p.add_argument("--threshold", type=float, default=0.5, help="score from which a query counts as a detection")
     p.add_argument("--training_queries", action="store_true", help="also build every query group (and denoising queries)")
     p.add_argument("--dataset", default=None, help="Hub dataset id or local COCO folder: statistics over a split")
@@ -45,8 +46,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.image is None) == (args.dataset is None):
         p.error("give one of --image or --dataset")
-    if (args.annotations is None) != (args.image_id is None):
-        p.error("--annotations and --image_id go together")
+    if args.image_id is not None and args.annotations is None:
+        p.error("--image_id needs --annotations")
     return args
 
 
@@ -61,7 +62,8 @@ def main(argv=None):
         labels = None
         if args.annotations:
             coco = json.loads(Path(args.annotations).read_text())
-            labels = labels_from_coco(coco, args.image_id, model.config.category_ids)
+            entry = coco_image_of(coco, args.image, args.image_id, args.annotations)
+            labels = labels_from_coco(coco, entry["id"], model.config.category_ids)
         explanation = explain(
             model, args.image, labels=labels, threshold=args.threshold, image_processor=processor,
             training_queries=args.training_queries,
