@@ -669,7 +669,7 @@ def runs(tmp_path_factory):
     (tmp / "runner.py").write_text(RUNNER.format(scripts=str(ROOT / "scripts")))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(tmp / "runner.py"), str(tmp / "scenarios.json"), str(tmp)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return tmp, json.loads((tmp / "results.json").read_text())
 

@@ -154,13 +154,13 @@ def test_explain_script_end_to_end(tmp_path):
     single = subprocess.run(  # the image's entry in the annotations is found by its file name
         run + ["--image", str(root / "val" / image["file_name"]), "--annotations", str(root / "annotations" / "instances_val.json"),
                "--output_dir", str(tmp_path / "one")],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
     assert "matching.png" in (tmp_path / "one" / "index.html").read_text()
     split = subprocess.run(
         run + ["--dataset", str(root), "--split", "val", "--output_dir", str(tmp_path / "slots")],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert split.returncode == 0, split.stderr[-3000:]
     assert not_blank(tmp_path / "slots" / "query_slots.png")
