@@ -8,6 +8,15 @@ sigmoid score, and whose preprocessing is DETR's. `image_processor_for(config)` 
 `fit_image_processor(processor, config)` swaps a given processor of the other kind for the fitting one,
 keeping its settings (train.py's --image_processor_name, scripts/evaluate.py's checkpoint processor).
 
+Batches of images of different sizes in `pipeline("object-detection")`: the pipeline preprocesses each
+image alone and concatenates the results, so images resized to different sizes cannot share a batch
+(transformers' `_pad` fails). Set the processor's `pad_size` to the largest resized size, e.g.
+`processor.pad_size = {"height": 1333, "width": 1333}` for `size={"shortest_edge": 800, "longest_edge":
+1333}`, and pass it as `pipeline(..., image_processor=processor)`: every image is padded to it, so any batch
+size gives the unbatched detections of that processor (tested). The padding costs time on small images and
+changes DETR's outputs slightly (its backbone sees the padding at the image's borders), so it is not the
+default.
+
 Both write their own `image_processor_type` on save, which `AutoImageProcessor` and
 `pipeline("object-detection")` resolve without hf_detr installed. transformers' default DETR processors
 need torchvision; where torchvision is missing (as with the CPU torch wheel) the PIL backend does the

@@ -52,3 +52,33 @@ def test_train_script_fits_the_image_processor_name_to_the_model(tmp_path):
     model = hf_detr.HfDetrForObjectDetection(tiny_config(class_loss="focal"))
     processor = train.build_image_processor(args, model.config)
     assert isinstance(processor, SigmoidImageProcessor) and processor.size["longest_edge"] == 96
+
+
+def test_batched_pipeline_of_mixed_image_sizes_needs_a_fixed_pad_size(tmp_path):
+    """transformers' pipeline preprocesses each image alone and concatenates the pixel_values of a batch: images
+    resized to different sizes cannot be batched (its `_pad` fails), the limit docs/bad-data.md states. With the
+    processor's `pad_size` at the largest resized size, every image is padded to it, and batch sizes 1 to 8 give
+    the unbatched detections (of that processor: padding changes what DETR's backbone sees at the borders).
+    If a transformers version batches mixed sizes itself, the first half fails and the docs change."""
+    from PIL import Image
+    from transformers import pipeline
+
+    torch.manual_seed(0)
+    hf_detr.HfDetrForObjectDetection(tiny_config(decoder_layers=2)).save_pretrained(tmp_path)
+    processor = HfDetrImageProcessor(size={"shortest_edge": 48, "longest_edge": 64})
+    processor.save_pretrained(tmp_path)
+    generator = torch.Generator().manual_seed(1)
+    sizes = [(48, 64), (64, 48), (40, 40), (30, 60), (48, 64), (50, 50), (20, 64), (64, 64)]
+    images = [Image.fromarray(torch.randint(0, 255, (h, w, 3), generator=generator, dtype=torch.uint8).numpy()) for h, w in sizes]
+    with pytest.raises(RuntimeError, match="must match"):  # torch.cat of pixel_values or pixel_mask of two sizes
+        pipeline("object-detection", model=str(tmp_path), threshold=0.0)(images, batch_size=2)
+
+    processor.pad_size = {"height": 64, "width": 64}  # = size["longest_edge"]: no resized image is larger
+    detector = pipeline("object-detection", model=str(tmp_path), image_processor=processor, threshold=0.0)
+    expected = [detector(image) for image in images]
+    for batch_size in (1, 2, 4, 8):
+        batched = detector(images, batch_size=batch_size)
+        for got, want in zip(batched, expected, strict=True):
+            assert [d["label"] for d in got] == [d["label"] for d in want], batch_size
+            assert [d["score"] for d in got] == pytest.approx([d["score"] for d in want], abs=1e-5)
+            assert all(abs(d["box"][k] - e["box"][k]) <= 1 for d, e in zip(got, want) for k in e["box"])
