@@ -15,19 +15,19 @@ A `CategoryMap` translates category ids to the contiguous labels 0..K-1 the mode
 
 Bad data policy: structural errors in an annotation file (a missing key, a value of the wrong type,
 an id beyond int64, a non-finite box, a repeated image id, a file name outside the split's folder or
-under two image ids, an annotation whose image or category is not declared) raise ValueError naming
-the file and the annotation and image ids: the file must be fixed, silently changing the class set or
-the boxes would be worse. So do boxes in the other format than they are read in and boxes of negative
-size (`hf_detr.box_format`), and class names given for a ClassLabel that names its classes otherwise. Problems a training run can live with are fixed
-or skipped and counted in `DataStats` by `hf_detr.transforms` (clipped boxes, boxes with no area,
-crowd boxes, unreadable image files, images whose size is not the annotated one).
+under two image ids, an annotation whose image or category is not declared: `hf_detr.coco_checks`)
+raise ValueError naming the file and the annotation and image ids: the file must be fixed, silently
+changing the class set or the boxes would be worse. So do boxes in the other format than they are read
+in and boxes of negative size (`hf_detr.box_format`), and class names given for a ClassLabel that names
+its classes otherwise. Problems a training run can live with are fixed or skipped and counted in
+`DataStats` by `hf_detr.transforms` (clipped boxes, boxes with no area, crowd boxes, unreadable image
+files, images whose size is not the annotated one, images with more objects than the model's queries).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +41,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 from .box_format import check_box_format
+from .coco_checks import INT64_MAX, INT64_MIN, check_coco_json
 from .images import UNREADABLE_IMAGE_ERRORS, displayed_size
 
 # Re-exported: the training script gets everything data-related from this module.
@@ -133,28 +134,6 @@ def coco_folder_splits(root: str | Path) -> list[str]:
     return sorted(file.name[len("instances_") : -len(".json")] for file in files if file.is_file())
 
 
-# The names a split for training / for evaluation goes by, in order of preference.
-TRAIN_SPLITS = ("train2017", "train")
-EVAL_SPLITS = ("val2017", "val", "validation", "test")
-
-
-def default_splits(name_or_path: str | Path) -> tuple[str, str]:
-    """(training split, evaluation split) of a dataset, for when none is named: a COCO folder's own (see
-    `coco_folder_splits`: the first of `TRAIN_SPLITS` / `EVAL_SPLITS` it has, else the first split whose name
-    starts with "train" / "val"), a known Hub dataset's (`HUB_DATASETS`), else "train" / "validation". A
-    split that is not there is reported, with the ones that are, when it is loaded."""
-    if (Path(name_or_path) / "annotations").is_dir():
-        splits = coco_folder_splits(name_or_path)
-
-        def pick(preferred: tuple[str, ...], prefix: str) -> str:
-            found = [name for name in preferred if name in splits] or [name for name in splits if name.startswith(prefix)]
-            return found[0] if found else preferred[0]
-
-        return pick(TRAIN_SPLITS, "train"), pick(EVAL_SPLITS, "val")
-    known = HUB_DATASETS.get(str(name_or_path))
-    return (known.train_split, known.eval_split) if known else ("train", "validation")
-
-
 def load_coco_folder(root: str | Path, split: str) -> DetectionData:
     """A COCO-layout folder (``root/annotations/instances_<split>.json``, images in ``root/<split>/``)
     as a Hub-schema dataset. Images without annotations are kept (empty ``objects``).
@@ -195,101 +174,6 @@ def load_coco_folder(root: str | Path, split: str) -> DetectionData:
     return DetectionData(dataset, categories)
 
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
-
-def _is_int(value: Any) -> bool:
-    return type(value) is int  # not bool, not a float or a string holding a number
-
-
-def _is_number(value: Any) -> bool:
-    return type(value) in (int, float)
-
-
-def _is_box(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 4 and all(_is_number(x) and math.isfinite(x) for x in value)
-
-
-def _value(record: Any, key: str, where: str, check=_is_int, kind: str = "an integer") -> Any:
-    """record[key], or a ValueError naming ``where``, the key and the type found."""
-    if not isinstance(record, Mapping):
-        raise ValueError(f"{where}: must be a JSON object, got {type(record).__name__} {record!r}")
-    if key not in record:
-        raise ValueError(f"{where}: missing {key!r} (keys: {sorted(record)})")
-    value = record[key]
-    if not check(value):
-        raise ValueError(f"{where}: {key!r} must be {kind}, got {type(value).__name__} {value!r}")
-    if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
-        raise ValueError(f"{where}: {key!r} must fit in 64 bits (ids and sizes are stored as int64), got {value}")
-    return value
-
-
-def check_coco_json(coco: Any, ann_file: str | Path) -> None:
-    """Raise ValueError naming ``ann_file`` and the image, annotation or category of the first
-    structural error of a COCO detection file: a missing key or a value of the wrong type (ids are
-    integers that fit in int64, ``file_name`` a string, ``width``/``height`` positive integers, ``bbox`` 4
-    finite numbers, ``area`` a number, ``iscrowd`` 0/1 or a bool), a repeated image or category id, a
-    ``file_name`` that leaves the split's folder (absolute, or through ``..``) or that two image ids share,
-    an annotation whose image or category is not declared. ``annotations`` may be absent (image lists)."""
-    if not isinstance(coco, Mapping):
-        raise ValueError(f"{ann_file}: must hold a JSON object, got {type(coco).__name__}")
-    for key in ("images", "categories") + (("annotations",) if "annotations" in coco else ()):
-        if not isinstance(coco.get(key), list):
-            raise ValueError(f"{ann_file}: {key!r} must be a list, got {type(coco.get(key)).__name__}")
-    category_ids = set()
-    for i, category in enumerate(coco["categories"]):
-        where = f"categories[{i}] in {ann_file}"
-        category_id = _value(category, "id", where)
-        _value(category, "name", where, lambda v: isinstance(v, str), "a string")
-        if category_id in category_ids:
-            raise ValueError(f"{where}: category id {category_id} is declared twice")
-        category_ids.add(category_id)
-    file_names: dict[int, str] = {}
-    image_of_file: dict[str, int] = {}
-    for i, image in enumerate(coco["images"]):
-        where = f"image {image.get('id') if isinstance(image, Mapping) else '?'} (images[{i}]) in {ann_file}"
-        image_id = _value(image, "id", where)
-        file_name = _value(image, "file_name", where, lambda v: isinstance(v, str), "a string")
-        for key in ("width", "height"):
-            _value(image, key, where, lambda v: _is_int(v) and v > 0, "a positive integer")
-        if image_id in file_names:
-            raise ValueError(
-                f"{ann_file}: image id {image_id} is used by both {file_names[image_id]!r} and {file_name!r}; "
-                "image ids must be unique"
-            )
-        file_names[image_id] = file_name
-        path = os.path.normpath(file_name)
-        if os.path.isabs(path) or path == "." or path.split(os.sep)[0] == "..":
-            raise ValueError(
-                f"{where}: file_name {file_name!r} is not a file inside the split's image folder; file names must be "
-                "relative paths that stay inside it"
-            )
-        # One file under two ids would train as two images, each with part of the file's boxes (the others
-        # then teach "no object" where there is one). Which id the file keeps is the file's author's call.
-        if path in image_of_file:
-            raise ValueError(
-                f"{ann_file}: images {image_of_file[path]} and {image_id} are the same file {file_name!r}; list each "
-                "image once, with all its annotations under one image id"
-            )
-        image_of_file[path] = image_id
-    for i, ann in enumerate(coco.get("annotations", ())):
-        if isinstance(ann, Mapping):
-            where = f"annotation {ann.get('id')} (image {ann.get('image_id')}) in {ann_file}"
-        else:
-            where = f"annotations[{i}] in {ann_file}"
-        _value(ann, "id", where)
-        if _value(ann, "image_id", where) not in file_names:
-            raise ValueError(f"{where}: image id not in the file's images")
-        category_id = _value(ann, "category_id", where)
-        if category_id not in category_ids:
-            raise ValueError(f"{where}: category id {category_id} not in {sorted(category_ids)}")
-        _value(ann, "bbox", where, _is_box, "[x, y, width, height]: 4 finite numbers")
-        if "area" in ann:
-            _value(ann, "area", where, lambda v: _is_number(v) and math.isfinite(v), "a finite number")
-        if "iscrowd" in ann:
-            _value(ann, "iscrowd", where, lambda v: v in (0, 1) and type(v) in (int, bool), "0, 1 or a bool")
-
-
 @dataclass(frozen=True)
 class HubDefaults:
     bbox_format: str  # "xywh" (COCO) or "xyxy" (corners), pixels
@@ -302,6 +186,28 @@ HUB_DATASETS = {
     "rishitdagli/cppe-5": HubDefaults("xywh", "train", "test"),
     "detection-datasets/coco": HubDefaults("xyxy", "train", "val"),
 }
+
+
+# The names a split for training / for evaluation goes by, in order of preference.
+TRAIN_SPLITS = ("train2017", "train")
+EVAL_SPLITS = ("val2017", "val", "validation", "test")
+
+
+def default_splits(name_or_path: str | Path) -> tuple[str, str]:
+    """(training split, evaluation split) of a dataset, for when none is named: a COCO folder's own (see
+    `coco_folder_splits`: the first of `TRAIN_SPLITS` / `EVAL_SPLITS` it has, else the first split whose name
+    starts with "train" / "val"), a known Hub dataset's (`HUB_DATASETS`), else "train" / "validation". A
+    split that is not there is reported, with the ones that are, when it is loaded."""
+    if (Path(name_or_path) / "annotations").is_dir():
+        splits = coco_folder_splits(name_or_path)
+
+        def pick(preferred: tuple[str, ...], prefix: str) -> str:
+            found = [name for name in preferred if name in splits] or [name for name in splits if name.startswith(prefix)]
+            return found[0] if found else preferred[0]
+
+        return pick(TRAIN_SPLITS, "train"), pick(EVAL_SPLITS, "val")
+    known = HUB_DATASETS.get(str(name_or_path))
+    return (known.train_split, known.eval_split) if known else ("train", "validation")
 
 
 def load_hub_detection_dataset(
