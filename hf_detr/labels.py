@@ -1,5 +1,6 @@
 """Which dataset category each of a model's labels means: one rule, by class name, for evaluation
-(`scripts/evaluate.py`) and for training from a checkpoint.
+(`scripts/evaluate.py`) and for training from a checkpoint on a dataset (`match_labels(config.id2label,
+dataset_categories, config.category_ids)`: label i of the checkpoint is that dataset category).
 
 A model predicts contiguous labels 0..K-1 named by its `config.id2label`; a dataset has its own category
 ids (COCO's sparse 1..90, a ClassLabel's 0..K-1) named in its `CategoryMap`. The same classes can carry

@@ -90,7 +90,7 @@ def main(argv=None):
         where = f"{args.dataset_name} [{args.split}]"
         logger.info(f"{len(dataset)} images of {where}, {accelerator.num_processes} process(es)")
 
-    # which dataset category each label means, by class name (hf_detr.labels: the rule train.py uses too)
+    # which dataset category each label means, by class name (hf_detr.labels: one rule, for training from a checkpoint too)
     category_map = match_labels(
         model.config.id2label, categories, getattr(model.config, "category_ids", None),
         model=args.model_name_or_path, dataset=f"{args.dataset_name} [{args.split}]",
