@@ -265,6 +265,15 @@ class HfDetrConfig(PreTrainedConfig):
     def check_values(self):
         """Reject values the model cannot be built with, naming the field (a plain ValueError:
         `@strict`'s own `validate_*` hooks would wrap it in a StrictDataclassError)."""
+        for field in dataclasses.fields(self):  # NaN passes every range check below (each comparison is False)
+            value = getattr(self, field.name)
+            if field.type == Float and not abs(value) < float("inf"):
+                raise ValueError(f"HfDetrConfig.{field.name} must be a finite number, got {value}")
+        if self.id2label is not None and sorted(self.id2label) != list(range(len(self.id2label))):
+            raise ValueError(
+                f"HfDetrConfig.id2label must name the labels 0..{len(self.id2label) - 1} (one per class, no gaps), "
+                f"got the labels {sorted(self.id2label)}"
+            )
         for field, choices in (("query_type", QueryType), ("class_loss", ClassLoss), ("matcher_type", MatcherType)):
             if getattr(self, field) not in get_args(choices):
                 raise ValueError(f"HfDetrConfig.{field} must be one of {get_args(choices)}, got {getattr(self, field)!r}")

@@ -14,18 +14,20 @@ Every source ends up with the Hub object-detection schema (as in ``cppe-5``), on
 A `CategoryMap` translates category ids to the contiguous labels 0..K-1 the model predicts.
 
 Bad data policy: structural errors in an annotation file (a missing key, a value of the wrong type,
-a non-finite box, a repeated image id, an annotation whose image or category is not declared) raise
-ValueError naming the file and the annotation and image ids: the file must be fixed, silently
-changing the class set or the boxes would be worse. Problems a training run can live with are fixed
-or skipped and counted in `DataStats` by `hf_detr.transforms` (clipped boxes, boxes with no area,
-crowd boxes, unreadable image files, images whose size is not the annotated one).
+an id beyond int64, a non-finite box, a repeated image id, a file name outside the split's folder or
+under two image ids, an annotation whose image or category is not declared: `hf_detr.coco_checks`)
+raise ValueError naming the file and the annotation and image ids: the file must be fixed, silently
+changing the class set or the boxes would be worse. So do boxes in the other format than they are read
+in and boxes of negative size (`hf_detr.box_format`), and class names given for a ClassLabel that names
+its classes otherwise. Problems a training run can live with are fixed or skipped and counted in
+`DataStats` by `hf_detr.transforms` (clipped boxes, boxes with no area, crowd boxes, unreadable image
+files, images whose size is not the annotated one, images with more objects than the model's queries).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +40,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from .box_format import check_box_format
+from .coco_checks import INT64_MAX, INT64_MIN, check_coco_json
 from .images import UNREADABLE_IMAGE_ERRORS, displayed_size
 
 # Re-exported: the training script gets everything data-related from this module.
@@ -123,16 +127,27 @@ class DetectionData(NamedTuple):
     categories: CategoryMap
 
 
+def coco_folder_splits(root: str | Path) -> list[str]:
+    """The splits of a COCO-layout folder: ``<split>`` of each ``root/annotations/instances_<split>.json``
+    (COCO's own ``train2017``, ``val2017``; ``train``, ``val`` in hf_detr's synthetic folders)."""
+    files = (Path(root) / "annotations").glob("instances_*.json")
+    return sorted(file.name[len("instances_") : -len(".json")] for file in files if file.is_file())
+
+
 def load_coco_folder(root: str | Path, split: str) -> DetectionData:
     """A COCO-layout folder (``root/annotations/instances_<split>.json``, images in ``root/<split>/``)
     as a Hub-schema dataset. Images without annotations are kept (empty ``objects``).
 
     The file is checked first (`check_coco_json`): any structural error raises ValueError naming the
-    file and the image or annotation."""
+    file and the image or annotation; then its boxes (`check_box_format`). A split the folder does not
+    have is a FileNotFoundError listing the ones it has."""
     root = Path(root)
     ann_file = root / "annotations" / f"instances_{split}.json"
     if not ann_file.is_file():
-        raise FileNotFoundError(f"no COCO annotation file {ann_file}")
+        raise FileNotFoundError(
+            f"no COCO annotation file {ann_file}: the splits of {root} are {coco_folder_splits(root)} "
+            "(annotations/instances_<split>.json); name one with --train_split / --eval_split (scripts/evaluate.py: --split)"
+        )
     try:
         coco = json.loads(ann_file.read_text())
     except json.JSONDecodeError as err:
@@ -154,81 +169,9 @@ def load_coco_folder(root: str | Path, split: str) -> DetectionData:
         "height": [im["height"] for im in images],
         "objects": [objects[im["id"]] for im in images],
     }
-    return DetectionData(datasets.Dataset.from_dict(columns, features=DETECTION_FEATURES), categories)
-
-
-def _is_int(value: Any) -> bool:
-    return type(value) is int  # not bool, not a float or a string holding a number
-
-
-def _is_number(value: Any) -> bool:
-    return type(value) in (int, float)
-
-
-def _is_box(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 4 and all(_is_number(x) and math.isfinite(x) for x in value)
-
-
-def _value(record: Any, key: str, where: str, check=_is_int, kind: str = "an integer") -> Any:
-    """record[key], or a ValueError naming ``where``, the key and the type found."""
-    if not isinstance(record, Mapping):
-        raise ValueError(f"{where}: must be a JSON object, got {type(record).__name__} {record!r}")
-    if key not in record:
-        raise ValueError(f"{where}: missing {key!r} (keys: {sorted(record)})")
-    value = record[key]
-    if not check(value):
-        raise ValueError(f"{where}: {key!r} must be {kind}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def check_coco_json(coco: Any, ann_file: str | Path) -> None:
-    """Raise ValueError naming ``ann_file`` and the image, annotation or category of the first
-    structural error of a COCO detection file: a missing key or a value of the wrong type (ids are
-    integers, ``file_name`` a string, ``width``/``height`` positive integers, ``bbox`` 4 finite
-    numbers, ``area`` a number, ``iscrowd`` 0/1 or a bool), a repeated image or category id, an
-    annotation whose image or category is not declared. ``annotations`` may be absent (image lists)."""
-    if not isinstance(coco, Mapping):
-        raise ValueError(f"{ann_file}: must hold a JSON object, got {type(coco).__name__}")
-    for key in ("images", "categories") + (("annotations",) if "annotations" in coco else ()):
-        if not isinstance(coco.get(key), list):
-            raise ValueError(f"{ann_file}: {key!r} must be a list, got {type(coco.get(key)).__name__}")
-    category_ids = set()
-    for i, category in enumerate(coco["categories"]):
-        where = f"categories[{i}] in {ann_file}"
-        category_id = _value(category, "id", where)
-        _value(category, "name", where, lambda v: isinstance(v, str), "a string")
-        if category_id in category_ids:
-            raise ValueError(f"{where}: category id {category_id} is declared twice")
-        category_ids.add(category_id)
-    file_names: dict[int, str] = {}
-    for i, image in enumerate(coco["images"]):
-        where = f"image {image.get('id') if isinstance(image, Mapping) else '?'} (images[{i}]) in {ann_file}"
-        image_id = _value(image, "id", where)
-        file_name = _value(image, "file_name", where, lambda v: isinstance(v, str), "a string")
-        for key in ("width", "height"):
-            _value(image, key, where, lambda v: _is_int(v) and v > 0, "a positive integer")
-        if image_id in file_names:
-            raise ValueError(
-                f"{ann_file}: image id {image_id} is used by both {file_names[image_id]!r} and {file_name!r}; "
-                "image ids must be unique"
-            )
-        file_names[image_id] = file_name
-    for i, ann in enumerate(coco.get("annotations", ())):
-        if isinstance(ann, Mapping):
-            where = f"annotation {ann.get('id')} (image {ann.get('image_id')}) in {ann_file}"
-        else:
-            where = f"annotations[{i}] in {ann_file}"
-        _value(ann, "id", where)
-        if _value(ann, "image_id", where) not in file_names:
-            raise ValueError(f"{where}: image id not in the file's images")
-        category_id = _value(ann, "category_id", where)
-        if category_id not in category_ids:
-            raise ValueError(f"{where}: category id {category_id} not in {sorted(category_ids)}")
-        _value(ann, "bbox", where, _is_box, "[x, y, width, height]: 4 finite numbers")
-        if "area" in ann:
-            _value(ann, "area", where, lambda v: _is_number(v) and math.isfinite(v), "a finite number")
-        if "iscrowd" in ann:
-            _value(ann, "iscrowd", where, lambda v: v in (0, 1) and type(v) in (int, bool), "0, 1 or a bool")
+    dataset = datasets.Dataset.from_dict(columns, features=DETECTION_FEATURES)
+    check_box_format(dataset, "xywh", str(ann_file), argument=None)
+    return DetectionData(dataset, categories)
 
 
 @dataclass(frozen=True)
@@ -245,11 +188,24 @@ HUB_DATASETS = {
 }
 
 
+# The names a split for training / for evaluation goes by, in order of preference.
+TRAIN_SPLITS = ("train2017", "train")
+EVAL_SPLITS = ("val2017", "val", "validation", "test")
+
+
 def default_splits(name_or_path: str | Path) -> tuple[str, str]:
-    """(training split, evaluation split) of a dataset: train2017 / val2017 in a local COCO folder, a known
-    Hub dataset's own (`HUB_DATASETS`), else train / validation."""
+    """(training split, evaluation split) of a dataset, for when none is named: a COCO folder's own (see
+    `coco_folder_splits`: the first of `TRAIN_SPLITS` / `EVAL_SPLITS` it has, else the first split whose name
+    starts with "train" / "val"), a known Hub dataset's (`HUB_DATASETS`), else "train" / "validation". A
+    split that is not there is reported, with the ones that are, when it is loaded."""
     if (Path(name_or_path) / "annotations").is_dir():
-        return "train2017", "val2017"
+        splits = coco_folder_splits(name_or_path)
+
+        def pick(preferred: tuple[str, ...], prefix: str) -> str:
+            found = [name for name in preferred if name in splits] or [name for name in splits if name.startswith(prefix)]
+            return found[0] if found else preferred[0]
+
+        return pick(TRAIN_SPLITS, "train"), pick(EVAL_SPLITS, "val")
     known = HUB_DATASETS.get(str(name_or_path))
     return (known.train_split, known.eval_split) if known else ("train", "validation")
 
@@ -263,6 +219,9 @@ def load_hub_detection_dataset(
     ``bbox_format``: "xywh" or "xyxy" pixels; default from `HUB_DATASETS`, else "xywh".
     ``categories``: needed only when ``objects.category`` is not a ClassLabel (integer class ids: label i is
     ``categories``' i-th, e.g. `CategoryMap.from_names`); anything else is a ValueError naming the column.
+    Given for a ClassLabel, it must be the ClassLabel's names (else ValueError naming both lists).
+    The boxes are checked against the images (`check_box_format`): boxes that fit far better in the other
+    format are a ValueError naming ``--bbox_format``.
     The common spellings of the object fields are read: ``bbox`` / ``bboxes``, ``category`` / ``label`` /
     ``labels`` / ``category_id``. Without ``width`` / ``height`` columns, they are read from the images'
     headers (EXIF orientation applied).
@@ -282,10 +241,19 @@ def load_hub_detection_dataset(
     bbox_key = _spelling(obj_features, BBOX_SPELLINGS, where)
     category_key = _spelling(obj_features, CATEGORY_SPELLINGS, where)
     category_feature = getattr(obj_features[category_key], "feature", obj_features[category_key])
+    if isinstance(category_feature, datasets.ClassLabel):
+        declared = CategoryMap.from_names(category_feature.names)
+        # The ClassLabel says which class each id is; names given as well must say the same, or one of the
+        # two is wrong, and training on the given ones would teach a dog where the data says cat.
+        if categories is not None and categories != declared:
+            raise ValueError(
+                f"{where}: the class names given (train.py --label_names) {categories.names} disagree with the names "
+                f"of objects.{category_key}'s ClassLabel {declared.names} (label i is its i-th name): leave out "
+                "--label_names to use the ClassLabel's, or fix the dataset's ClassLabel"
+            )
+        categories = declared
     if categories is None:
-        if isinstance(category_feature, datasets.ClassLabel):
-            categories = CategoryMap.from_names(category_feature.names)
-        elif getattr(category_feature, "dtype", "").startswith(("int", "uint")):
+        if getattr(category_feature, "dtype", "").startswith(("int", "uint")):
             raise ValueError(
                 f"{where}: objects.{category_key} holds integer class ids without class names (not a ClassLabel): "
                 "name them, label i the i-th (train.py --label_names, or categories=CategoryMap.from_names([...]))"
@@ -315,6 +283,8 @@ def load_hub_detection_dataset(
                 boxes[:, 2:] -= boxes[:, :2]
             n = len(boxes)
             ids = objs.get("id", objs.get("bbox_id")) or [row * 10_000 + j for j in range(n)]
+            if any(not INT64_MIN <= int(i) <= INT64_MAX for i in ids):
+                raise ValueError(f"{where} row {row}: objects.id must fit in 64 bits (stored as int64), got {ids}")
             out.append({
                 "id": ids, "bbox": boxes.tolist(), "category": objs[category_key],
                 "area": objs.get("area") or (boxes[:, 2] * boxes[:, 3]).tolist(),
@@ -331,7 +301,11 @@ def load_hub_detection_dataset(
     ds = datasets.concatenate_datasets([rest, objects], axis=1)
     for column in ("image_id", "width", "height"):
         if ds.features[column] != DETECTION_FEATURES[column]:
-            ds = ds.cast_column(column, DETECTION_FEATURES[column])
+            try:
+                ds = ds.cast_column(column, DETECTION_FEATURES[column])
+            except (OverflowError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+                raise ValueError(f"{where}: column {column!r} must hold integers that fit in 64 bits (int64): {err}") from None
+    check_box_format(ds, bbox_format, where)
     return DetectionData(ds, categories)
 
 

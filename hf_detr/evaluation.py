@@ -137,8 +137,9 @@ class CocoEvaluator:
         coco_gt: ground truth as a `pycocotools.coco.COCO` (e.g. `COCO("instances_val2017.json")`
             or `coco_from_examples(...)`).
         label_to_category: contiguous label -> dataset category id; a callable, an object with
-            `to_category` (`hf_detr.data.CategoryMap`), a list/dict, or None when labels already are
-            category ids.
+            `to_category` (`hf_detr.data.CategoryMap`), a list/dict (e.g. `hf_detr.labels.match_labels`'s),
+            or None when labels already are category ids. A label it maps to None is a class the dataset
+            does not have: its detections are left out.
         verbose: let pycocotools print its usual progress and summary table.
     """
 
@@ -176,11 +177,14 @@ class CocoEvaluator:
             for score, label, box in zip(
                 _to_list(result["scores"]), _to_list(result["labels"]), _to_list(result["boxes"]), strict=True
             ):
+                category = self.to_category(int(label))
+                if category is None:  # a class the dataset does not have (`hf_detr.labels.match_labels`)
+                    continue
                 x0, y0, x1, y1 = (float(v) for v in box)
                 detections.append(
                     {
                         "image_id": image_id,
-                        "category_id": int(self.to_category(int(label))),
+                        "category_id": int(category),
                         "bbox": [x0, y0, x1 - x0, y1 - y0],  # COCO xywh
                         "score": float(score),
                     }

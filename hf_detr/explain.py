@@ -15,15 +15,17 @@ side: never imported by the model surface.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .box_ops import cxcywh_to_xyxy
 from .image_processing import image_processor_for
-from .images import decode_image
+from .images import decode_image, displayed_size
 
 
 @dataclass
@@ -309,6 +311,41 @@ def _labels(example: Mapping, image, to_label: dict[int, int]) -> dict[str, torc
     return {"class_labels": classes, "boxes": boxes.clamp(0, 1)}
 
 
+def coco_image_of(coco: Mapping, image: str | Path, image_id: int | None = None, annotations: str = "the annotation file") -> dict:
+    """The entry of a COCO json's ``images`` that describes the image file ``image``: the one whose
+    ``file_name`` ends its path, or, with ``image_id``, that id's entry, checked to be that file. Its
+    ``width`` x ``height`` must be the image's (EXIF orientation applied). Anything else is a ValueError
+    naming the file, the id and ``annotations``: another image's boxes would be drawn without a word."""
+    parts = Path(image).parts
+
+    def is_this_file(entry: Mapping) -> bool:
+        name = Path(os.path.normpath(str(entry["file_name"]))).parts
+        return len(name) <= len(parts) and parts[len(parts) - len(name) :] == name
+
+    same_file = [entry for entry in coco["images"] if is_this_file(entry)]
+    ids_of_file = [entry["id"] for entry in same_file]
+    if image_id is None:
+        if len(same_file) != 1:
+            found = f"several ({ids_of_file})" if same_file else "none"
+            raise ValueError(f"{annotations}: {found} of its images has the file name of {image}; name the image with --image_id")
+        entry = same_file[0]
+    else:
+        entries = [entry for entry in coco["images"] if entry["id"] == image_id]
+        if not entries:
+            raise ValueError(f"image id {image_id} is not in {annotations}'s images")
+        entry = entries[0]
+        if not is_this_file(entry):
+            theirs = f"its id there is {ids_of_file[0]}" if len(ids_of_file) == 1 else f"ids with its file name: {ids_of_file}"
+            raise ValueError(f"image id {image_id} is {entry['file_name']!r} in {annotations}, not {image} ({theirs})")
+    size = displayed_size(str(image))
+    if size != (entry["width"], entry["height"]):
+        raise ValueError(
+            f"{image} is {size[0]}x{size[1]}, but image {entry['id']} of {annotations} is {entry['width']}x{entry['height']}: "
+            "its boxes are not this image's"
+        )
+    return entry
+
+
 def labels_from_coco(coco: Mapping, image_id: int, category_ids: list[int] | None) -> dict[str, torch.Tensor]:
     """A COCO json's annotations of one image (crowd left out) -> labels for `explain`, in the label
     order of `category_ids` (the checkpoint's `config.category_ids`; None: ids are the labels)."""
@@ -329,4 +366,4 @@ def labels_from_coco(coco: Mapping, image_id: int, category_ids: list[int] | Non
     return {"class_labels": torch.tensor(classes, dtype=torch.long), "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)}
 
 
-__all__ = ["Explanation", "explain", "QueryStatistics", "query_statistics", "labels_from_coco"]
+__all__ = ["Explanation", "explain", "QueryStatistics", "query_statistics", "coco_image_of", "labels_from_coco"]

@@ -120,10 +120,30 @@ def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | No
     """Raise a ValueError naming the argument and the shapes when the model cannot read the batch:
     pixel_values must be [B, C, H, W] with B >= 1; pixel_mask, if given, [B, H, W] with at least one
     real (non-zero) pixel per image (rather than a silent resize or broadcast, or an image with nothing
-    to attend to). The per-image check reads the mask on the host; it is skipped while compiling or
-    tracing, and on the meta device (no data)."""
+    to attend to). pixel_values must be floating point (the processor's normalised pixels, not uint8
+    ones) and channels first. The per-image check reads the mask on the host; it and the channels-last
+    guess are skipped while compiling or tracing, and on the meta device (no data)."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(
+            f"pixel_values must be a torch.Tensor [batch_size, channels, height, width] (an image processor's output with "
+            f"return_tensors='pt'), got {type(pixel_values).__name__} of shape {tuple(getattr(pixel_values, 'shape', ()))}"
+        )
+    shape = tuple(pixel_values.shape)
     if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
-        raise ValueError(f"pixel_values must be [batch_size >= 1, channels, height, width], got shape {tuple(pixel_values.shape)}")
+        one_image = " (one image? add the batch dimension: pixel_values[None])" if pixel_values.ndim == 3 else ""
+        raise ValueError(f"pixel_values must be [batch_size >= 1, channels, height, width], got shape {shape}{one_image}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be a floating-point tensor (the image processor's normalised pixels), got {pixel_values.dtype} "
+            f"of shape {shape}"
+        )
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    # [B, H, W, C] as PIL / numpy images come; the channel count is the model's (3 but for unusual backbones)
+    if not tracing and pixel_values.shape[1] not in (1, 3, 4) and pixel_values.shape[-1] in (1, 3, 4):
+        raise ValueError(
+            f"pixel_values must be [batch_size, channels, height, width], got shape {shape}: channels last? "
+            "pass pixel_values.permute(0, 3, 1, 2)"
+        )
     if pixel_mask is None:
         return
     batch, _, height, width = pixel_values.shape
@@ -132,7 +152,7 @@ def check_pixel_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | No
             f"pixel_mask must be [batch_size, height, width] = {(batch, height, width)} for pixel_values of shape "
             f"{tuple(pixel_values.shape)}, got {tuple(pixel_mask.shape)}"
         )
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or pixel_mask.device.type == "meta":
+    if tracing or pixel_mask.device.type == "meta":
         return
     # Exact and cheap for DETR's padding (bottom / right): a real top-left pixel in every image is enough.
     if bool(pixel_mask[:, 0, 0].all()):
@@ -289,7 +309,7 @@ class HfDetrPreTrainedModel(PreTrainedModel):
         family is a ValueError naming its model_type. hf_detr checkpoints saved with an older key layout load too."""
         hub_arguments = {name: kwargs[name] for name in HUB_ARGUMENTS if name in kwargs}
         model_type = checkpoint_model_type(pretrained_model_name_or_path, **hub_arguments)
-        if model_type in (None, HfDetrConfig.model_type) or kwargs.get("config") is not None:
+        if model_type in (None, HfDetrConfig.model_type):
             kwargs.setdefault("key_mapping", LEGACY_KEYS)
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
             loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True

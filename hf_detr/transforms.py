@@ -257,6 +257,9 @@ class DataStats:
     crowd_ignored: int = 0  # iscrowd boxes: not targets; kept in "crowd_boxes" for evaluation
     skipped_images: int = 0  # image files that could not be read; their examples are dropped
     size_mismatch: int = 0  # images whose decoded size differs from their width/height; dropped too
+    # images with more objects than the model has queries (`DetectionDataset.check_num_queries`): the
+    # matcher pairs each query with one object, so the rest go unlearned in that image
+    images_over_num_queries: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -361,6 +364,24 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def check_num_queries(self, num_queries: int) -> int:
+        """Count (in ``stats.images_over_num_queries``) and warn about the images with more objects, crowd
+        boxes aside, than ``num_queries`` (the model's ``config.num_queries``): the matcher pairs each query
+        with at most one object, so in those images the objects beyond it are never learned. -> the count."""
+        counts = np.array([int((~target["iscrowd"]).sum()) for target in self.targets], dtype=np.int64)
+        over = np.flatnonzero(counts > num_queries)
+        self._stats = dataclasses.replace(self._stats, images_over_num_queries=len(over))
+        if len(over):
+            most = int(over[np.argmax(counts[over])])
+            examples = ", ".join(f"image {self.targets[i]['image_id']} ({counts[i]})" for i in over[:5])
+            logger.warning(
+                "%d training images have more objects than the model's %d queries (num_queries), e.g. %s: the objects "
+                "beyond %d in an image are never matched, so never learned; the most, %d, are in image %s. Give the "
+                "model more queries (train.py --config_overrides num_queries=N)",
+                len(over), num_queries, examples, num_queries, counts[most], self.targets[most]["image_id"],
+            )  # fmt: skip
+        return len(over)
 
     def _load_image(self, index: int, image_id: int) -> np.ndarray | None:
         """``[H,W,3]`` uint8 RGB, or None (warned once and counted) if the file is missing or corrupt

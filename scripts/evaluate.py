@@ -8,6 +8,9 @@ The checkpoint is loaded with `AutoModelForObjectDetection` / `AutoImageProcesso
 itself with them); a checkpoint of transformers' DETR, Conditional DETR or DAB-DETR is converted to hf_detr
 on the fly; the split goes through processor, model and `post_process_object_detection` with
 the original image sizes, and pycocotools' COCOeval scores it (`hf_detr.evaluation.evaluate_model`).
+The checkpoint's labels are matched to the split's categories by class name (`hf_detr.labels.match_labels`:
+the same classes under other ids, or in another order, are scored as the classes they are; classes on one
+side only are warned about; no class in common is an error).
 The metrics are printed as JSON and, with --output_file, written there, with `data_stats`: the images
 evaluated and those skipped (unreadable, or decoded at another size than the annotated one; each
 also named in a warning).
@@ -23,8 +26,10 @@ from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 import hf_detr  # registers hf_detr with the Auto classes
 from hf_detr.convert import CONFIG_CONVERTERS
-from hf_detr.data import default_num_workers, load_detection_dataset
+from hf_detr.data import default_num_workers, default_splits, load_detection_dataset
 from hf_detr.evaluation import evaluate_model
+from hf_detr.image_processing import fit_image_processor
+from hf_detr.labels import match_labels
 from hf_detr.modeling_hf_detr import checkpoint_model_type
 
 logger = logging.getLogger(__name__)
@@ -34,7 +39,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", required=True, help="checkpoint folder or Hub model id")
     p.add_argument("--dataset_name", required=True, help="Hub dataset id or local COCO folder")
-    p.add_argument("--split", default="val", help="split name (COCO folders: instances_<split>.json)")
+    p.add_argument("--split", default=None,
+                   help="split name (COCO folders: instances_<split>.json); default: the dataset's own (val2017 / val / validation)")  # fmt: skip
     p.add_argument("--bbox_format", choices=["xywh", "xyxy"], default=None, help="Hub datasets: box format")
     p.add_argument("--max_eval_samples", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--per_device_eval_batch_size", type=int, default=8)
@@ -53,40 +59,16 @@ def load_model(model_name_or_path, **kwargs):
     model_type = checkpoint_model_type(model_name_or_path, revision=kwargs.get("revision"))
     if model_type not in CONFIG_CONVERTERS:
         model = AutoModelForObjectDetection.from_pretrained(model_name_or_path, **kwargs)
-        return model, AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
-    model = hf_detr.HfDetrForObjectDetection.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
-    except OSError:
-        logger.info(f"{model_name_or_path} has no image processor: using hf_detr.image_processor_for(its config)")
-        image_processor = hf_detr.image_processor_for(model.config)
-    return model, image_processor
-
-
-def label_to_category(config, categories):
-    """What a predicted label means as a dataset category id.
-
-    The checkpoint's own `category_ids` win (train.py stores them); a checkpoint without them whose
-    label count matches the dataset uses the dataset's sorted-id map; otherwise the labels are taken
-    to be the category ids themselves, as in the original DETR checkpoints (91 COCO id slots).
-    """
-    if getattr(config, "category_ids", None):
-        if list(config.category_ids) != list(categories.category_ids):
-            logger.warning("checkpoint category ids differ from the dataset's; using the checkpoint's")
-        return list(config.category_ids)
-    if config.num_labels == categories.num_labels:
-        return categories
-    logger.warning(f"{config.num_labels} labels for {categories.num_labels} categories: labels taken as category ids")
-    return None
-
-
-def category_names(config, category_map, categories) -> dict[int, str]:
-    """Category id -> name for the per-class metrics: the dataset's names where its categories are used,
-    else the checkpoint's label names."""
-    if category_map is categories:
-        return dict(zip(categories.category_ids, categories.names))
-    ids = category_map if category_map is not None else range(config.num_labels)
-    return {int(c): config.id2label.get(label, str(c)) for label, c in enumerate(ids)}
+        image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
+    else:
+        model = hf_detr.HfDetrForObjectDetection.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
+        except OSError:
+            logger.info(f"{model_name_or_path} has no image processor: using hf_detr.image_processor_for(its config)")
+            image_processor = hf_detr.image_processor_for(model.config)
+    # a processor whose post-processing does not fit the class loss would score the wrong classes
+    return model, fit_image_processor(image_processor, model.config, f"{model_name_or_path}'s image processor")
 
 
 def main(argv=None):
@@ -99,6 +81,7 @@ def main(argv=None):
     kwargs = dict(revision=args.revision, trust_remote_code=args.trust_remote_code)
     model, image_processor = load_model(args.model_name_or_path, **kwargs)
     model = model.to(accelerator.device)
+    args.split = args.split or default_splits(args.dataset_name)[1]
     load_kwargs = {"bbox_format": args.bbox_format} if args.bbox_format else {}
     dataset, categories = load_detection_dataset(args.dataset_name, args.split, **load_kwargs)
     if args.max_eval_samples is not None:
@@ -107,7 +90,11 @@ def main(argv=None):
         where = f"{args.dataset_name} [{args.split}]"
         logger.info(f"{len(dataset)} images of {where}, {accelerator.num_processes} process(es)")
 
-    category_map = label_to_category(model.config, categories)
+    # which dataset category each label means, by class name (hf_detr.labels: one rule, for training from a checkpoint too)
+    category_map = match_labels(
+        model.config.id2label, categories, getattr(model.config, "category_ids", None),
+        model=args.model_name_or_path, dataset=f"{args.dataset_name} [{args.split}]",
+    )  # fmt: skip
     metrics, data_stats = evaluate_model(
         model,
         image_processor,
@@ -119,7 +106,7 @@ def main(argv=None):
         num_workers=args.dataloader_num_workers,
         return_stats=True,
         per_class=True,
-        category_names=category_names(model.config, category_map, categories),
+        category_names=dict(zip(categories.category_ids, categories.names)),
     )
     if accelerator.is_main_process:  # every process holds the same numbers; one prints them
         text = json.dumps({**metrics, "data_stats": data_stats}, indent=2)

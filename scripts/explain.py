@@ -2,9 +2,10 @@
 
     # one image: every decoder layer's predictions, where each detection and a few pixels attend
     python scripts/explain.py --model_name_or_path outputs/hf-detr-synthetic --image photo.jpg --output_dir explain/
-    # ... with its ground truth: the Hungarian matching per layer and the cost of each matched pair
+    # ... with its ground truth: the Hungarian matching per layer and the cost of each matched pair (the image's
+    # entry is found by its file name; --image_id N picks it by id, and is checked to be this file)
     python scripts/explain.py --model_name_or_path outputs/hf-detr-synthetic --image val/000003.jpg \\
-        --annotations annotations/instances_val.json --image_id 3 --output_dir explain/
+        --annotations annotations/instances_val.json --output_dir explain/
     # over a split: where each query slot predicts (DETR's figure 7) and how often it is matched, per class
     python scripts/explain.py --model_name_or_path outputs/hf-detr-synthetic --dataset_name /data/coco --split val2017 --output_dir slots/
 
@@ -23,7 +24,7 @@ from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 import hf_detr  # noqa: F401  (registers hf_detr with the Auto classes)
 from hf_detr import data as detr_data
-from hf_detr.explain import explain, labels_from_coco, query_statistics
+from hf_detr.explain import coco_image_of, explain, labels_from_coco, query_statistics
 from hf_detr.visualize import write_dataset_report, write_report
 
 logger = logging.getLogger(__name__)
@@ -34,19 +35,19 @@ def parse_args(argv=None):
     p.add_argument("--model_name_or_path", "--model", required=True, help="checkpoint folder or Hub id")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--image", default=None, help="an image file")
-    p.add_argument("--annotations", default=None, help="a COCO json with the image's ground truth (with --image_id)")
-    p.add_argument("--image_id", type=int, default=None)
+    p.add_argument("--annotations", default=None, help="a COCO json with the image's ground truth (found by its file name)")
+    p.add_argument("--image_id", type=int, default=None, help="with --annotations: the image's id there (checked against its file name)")
     p.add_argument("--threshold", type=float, default=0.5, help="score from which a query counts as a detection")
     p.add_argument("--training_queries", action="store_true", help="also build every query group (and denoising queries)")
     p.add_argument("--dataset_name", "--dataset", default=None, help="Hub dataset id or local COCO folder: statistics over a split")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default=None, help="default: the dataset's own (val2017 / val / validation)")
     p.add_argument("--max_eval_samples", "--max_images", type=int, default=None, help="the first N images of the split only")
     p.add_argument("--trust_remote_code", action="store_true")
     args = p.parse_args(argv)
     if (args.image is None) == (args.dataset_name is None):
         p.error("give one of --image or --dataset_name")
-    if (args.annotations is None) != (args.image_id is None):
-        p.error("--annotations and --image_id go together")
+    if args.image_id is not None and args.annotations is None:
+        p.error("--image_id needs --annotations")
     return args
 
 
@@ -61,7 +62,8 @@ def main(argv=None):
         labels = None
         if args.annotations:
             coco = json.loads(Path(args.annotations).read_text())
-            labels = labels_from_coco(coco, args.image_id, model.config.category_ids)
+            entry = coco_image_of(coco, args.image, args.image_id, args.annotations)
+            labels = labels_from_coco(coco, entry["id"], model.config.category_ids)
         explanation = explain(
             model, args.image, labels=labels, threshold=args.threshold, image_processor=processor,
             training_queries=args.training_queries,
@@ -69,6 +71,7 @@ def main(argv=None):
         page = write_report(explanation, args.output_dir, title=f"{Path(args.image).name} through {args.model_name_or_path}")
         logger.info(f"{len(explanation.detections())} detections over {args.threshold}; wrote {page}")
     else:
+        args.split = args.split or detr_data.default_splits(args.dataset_name)[1]
         dataset = detr_data.load_detection_dataset(args.dataset_name, args.split).dataset
         examples = islice(dataset, args.max_eval_samples) if args.max_eval_samples else dataset
         statistics = query_statistics(model, examples, image_processor=processor)

@@ -27,6 +27,7 @@ from hf_detr import data as detr_data
 from hf_detr.convert import CONFIG_CONVERTERS, config_from_transformers_config
 from hf_detr.evaluation import COCO_METRIC_NAMES, evaluate_model
 from hf_detr.hub import base_model_id, push_checkpoint, render_model_card
+from hf_detr.image_processing import fit_image_processor
 from hf_detr.speed import SDPA_BACKENDS, enable_fast_mode
 
 logger = get_logger(__name__)
@@ -176,7 +177,8 @@ def build_model(args, categories):
 def build_image_processor(args, config):
     """--image_processor_name, or the processor whose post-processing fits the model's class loss, at the run's sizes."""
     if args.image_processor_name:
-        return AutoImageProcessor.from_pretrained(args.image_processor_name, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
+        given = AutoImageProcessor.from_pretrained(args.image_processor_name, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
+        return fit_image_processor(given, config, f"--image_processor_name {args.image_processor_name}")
     return hf_detr.image_processor_for(config, size={"shortest_edge": args.image_size, "longest_edge": args.max_size})
 
 
@@ -209,6 +211,7 @@ def train(args):
         collate_fn=detr_data.collate_fn, num_workers=args.dataloader_num_workers,
     )  # fmt: skip
     model = build_model(args, categories)
+    train_set.check_num_queries(model.config.num_queries)  # warned about and counted in the run's data_stats
     image_processor = build_image_processor(args, model.config)
     enable_fast_mode(model, compile=args.torch_compile, sdpa_backend=args.sdpa_backend)
     optimizer = training.build_optimizer(

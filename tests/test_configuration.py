@@ -1,3 +1,5 @@
+import dataclasses
+import json
 import typing
 
 import pytest
@@ -50,6 +52,33 @@ def test_variant_fields_are_typed_with_their_choices(field):
 
     with pytest.raises(StrictDataclassFieldValidationError, match=f"{field}.*expected one of"):
         hf_detr.HfDetrConfig(**{field: "dab"})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_every_real_valued_field_must_be_finite(bad):
+    """NaN passed every range check (each comparison is False): bbox_cost=nan made the matcher pick arbitrary
+    queries, eos_coefficient=nan a NaN loss."""
+    from hf_detr.configuration_hf_detr import Float
+
+    fields = [f.name for f in dataclasses.fields(hf_detr.HfDetrConfig) if f.type == Float]
+    assert {"bbox_cost", "eos_coefficient", "class_cost", "focal_alpha", "dropout"} <= set(fields)
+    for field in fields:
+        with pytest.raises(ValueError, match=rf"HfDetrConfig\.{field} must be a finite number, got {bad}"):
+            hf_detr.HfDetrConfig(**{field: bad})
+
+
+def test_a_config_json_with_nan_or_label_gaps_is_refused(tmp_path):
+    hf_detr.HfDetrConfig(num_labels=3).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "eos_coefficient": float("nan")}))  # json writes NaN
+    with pytest.raises(ValueError, match=r"HfDetrConfig\.eos_coefficient must be a finite number, got nan"):
+        hf_detr.HfDetrConfig.from_pretrained(tmp_path)
+    gaps = {**saved, "id2label": {"0": "a", "2": "c"}, "label2id": {"a": 0, "c": 2}}
+    (tmp_path / "config.json").write_text(json.dumps(gaps))
+    with pytest.raises(ValueError, match=r"HfDetrConfig\.id2label must name the labels 0\.\.1 \(one per class, no gaps\), got the labels \[0, 2\]"):
+        hf_detr.HfDetrConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"id2label must name the labels 0\.\.1"):
+        hf_detr.HfDetrConfig(id2label={0: "a", 2: "c"})
 
 
 def test_all_zero_matcher_costs_rejected():

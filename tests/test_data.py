@@ -439,7 +439,7 @@ def test_hub_schema_errors_name_the_column(tmp_path, objects, message):
 
 def test_default_splits_are_the_datasets_own(tmp_path):
     make_synthetic_coco(tmp_path / "coco", num_train=1, num_val=1, image_size=32)
-    assert default_splits(tmp_path / "coco") == ("train2017", "val2017")  # a COCO folder as downloaded
+    assert default_splits(tmp_path / "coco") == ("train", "val")  # the folder's own splits
     assert default_splits("cppe-5") == ("train", "test") and default_splits("detection-datasets/coco") == ("train", "val")
     assert default_splits("someone/unknown") == ("train", "validation")
 
@@ -465,3 +465,57 @@ def test_the_built_in_dataset_is_written_once_under_the_cache(tmp_path, monkeypa
     marker = (root / "synthetic_done.json").stat().st_mtime_ns
     assert synthetic_dataset(4, 2, image_size=32) == root and (root / "synthetic_done.json").stat().st_mtime_ns == marker
     assert synthetic_dataset(4, 2).name == "synthetic-4-2"  # the built-in run's 128 pixels: no suffix
+
+
+# --- splits of a local COCO folder ----------------------------------------------------------------------
+
+
+def test_a_coco_folders_own_splits_are_found_and_a_missing_one_is_named(tmp_path):
+    """hf_detr's own layout (instances_train.json, instances_val.json) trains without --train_split /
+    --eval_split; COCO's own names come first; a split the folder lacks is an error listing the ones it has."""
+    from accelerate import PartialState
+
+    from conftest import load_train_script
+    from hf_detr.data import coco_folder_splits, default_splits
+
+    root = make_synthetic_coco(tmp_path / "ours", num_train=4, num_val=2, image_size=32)
+    assert coco_folder_splits(root) == ["train", "val"] and default_splits(root) == ("train", "val")
+    train = load_train_script()
+    args = train.parse_args(["--dataset_name", str(root)])
+    (train_data, eval_data), categories, _ = train.load_data(args, PartialState())
+    assert (args.train_split, args.eval_split, len(train_data), len(eval_data)) == ("train", "val", 4, 2)
+
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017", "train"):
+        (coco / "annotations" / f"instances_{split}.json").write_text("{}")
+    assert default_splits(coco) == ("train2017", "val2017")
+    assert default_splits("detection-datasets/coco") == ("train", "val") and default_splits("user/other") == ("train", "validation")
+    with pytest.raises(FileNotFoundError, match=(
+        r"no COCO annotation file \S*instances_test\.json: the splits of \S*ours are \['train', 'val'\] "
+        r"\(annotations/instances_<split>\.json\); name one with --train_split / --eval_split"
+    )):  # fmt: skip
+        load_coco_folder(root, "test")
+
+
+def test_images_with_more_objects_than_queries_are_warned_about_and_counted(tmp_path, caplog):
+    """The matcher pairs each query with at most one object: with 3 queries, the 4th and 5th objects of an
+    image are never learned. Crowd boxes are not targets and do not count."""
+    def objects(n, crowd=0):
+        boxes = [[2.0 * i, 2.0 * i, 5.0, 5.0] for i in range(n + crowd)]
+        return {"id": list(range(n + crowd)), "bbox": boxes, "category": [1] * (n + crowd), "area": [25.0] * (n + crowd),
+                "iscrowd": [0] * n + [1] * crowd}  # fmt: skip
+
+    rows = {"image": [None] * 3, "image_id": [7, 8, 9], "width": [64] * 3, "height": [48] * 3,
+            "objects": [objects(5), objects(3, crowd=2), objects(4)]}  # fmt: skip
+    dataset = DetectionDataset(datasets.Dataset.from_dict(rows, features=DETECTION_FEATURES), CategoryMap([1], ["a"]),
+                               build_eval_transform(48, 64))  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert dataset.check_num_queries(3) == 2
+    assert dataset.stats.as_dict()["images_over_num_queries"] == 2
+    assert (
+        "2 training images have more objects than the model's 3 queries (num_queries), e.g. image 7 (5), image 9 (4): "
+        "the objects beyond 3 in an image are never matched, so never learned; the most, 5, are in image 7"
+    ) in caplog.text
+    caplog.clear()
+    assert dataset.check_num_queries(5) == 0 and dataset.stats.images_over_num_queries == 0 and not caplog.text

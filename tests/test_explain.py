@@ -1,5 +1,6 @@
 """hf_detr.explain and scripts/explain.py: the pictures show the model's own numbers."""
 
+import json
 import os
 import subprocess
 import sys
@@ -157,16 +158,16 @@ def test_explain_script_end_to_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     script = str(ROOT / "scripts" / "explain.py")
     run = [sys.executable, script, "--model_name_or_path", str(tmp_path / "ckpt"), "--threshold", "0.1"]
-    single = subprocess.run(
+    single = subprocess.run(  # the image's entry in the annotations is found by its file name
         run + ["--image", str(root / "val" / image["file_name"]), "--annotations", str(root / "annotations" / "instances_val.json"),
-               "--image_id", str(image["id"]), "--output_dir", str(tmp_path / "one")],
-        capture_output=True, text=True, env=env, timeout=300,
+               "--output_dir", str(tmp_path / "one")],
+        capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
     assert "matching.png" in (tmp_path / "one" / "index.html").read_text()
     split = subprocess.run(
         run + ["--dataset_name", str(root), "--split", "val", "--output_dir", str(tmp_path / "slots")],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert split.returncode == 0, split.stderr[-3000:]
     assert not_blank(tmp_path / "slots" / "query_slots.png")
@@ -189,3 +190,42 @@ def test_explain_script_takes_the_argument_names_of_the_other_scripts():
                  ["--model", "ckpt", "--dataset", "coco", "--max_images", "3"]):  # fmt: skip
         args = script.parse_args([*argv, "--output_dir", "out"])
         assert (args.model_name_or_path, args.dataset_name, args.max_eval_samples) == ("ckpt", "coco", 3), argv
+
+
+def test_annotations_of_another_image_are_refused_naming_both(tmp_path):
+    """The README's example gave --image_id 3 for val/000003.jpg, whose id is 4: another image's boxes were drawn."""
+    from hf_detr.data import make_synthetic_coco
+    from hf_detr.explain import coco_image_of
+
+    root = make_synthetic_coco(tmp_path / "coco", num_train=1, num_val=5, seed=0, image_size=32)
+    coco = json.loads((root / "annotations" / "instances_val.json").read_text())
+    image = root / "val" / "000003.jpg"
+    assert coco_image_of(coco, image)["id"] == 4 and coco_image_of(coco, image, image_id=4)["id"] == 4
+    with pytest.raises(ValueError, match=r"image id 3 is '000002\.jpg' in ann\.json, not \S*val/000003\.jpg \(its id there is 4\)"):
+        coco_image_of(coco, image, image_id=3, annotations="ann.json")
+    with pytest.raises(ValueError, match=r"ann\.json: none of its images has the file name of \S*other\.jpg; name the image with --image_id"):
+        coco_image_of(coco, tmp_path / "other.jpg", annotations="ann.json")
+    with pytest.raises(ValueError, match=r"image id 99 is not in ann\.json's images"):
+        coco_image_of(coco, image, image_id=99, annotations="ann.json")
+    coco["images"][3]["width"] = 40
+    with pytest.raises(ValueError, match=r"\S*000003\.jpg is 32x32, but image 4 of ann\.json is 40x32: its boxes are not this image's"):
+        coco_image_of(coco, image, annotations="ann.json")
+
+
+def test_explain_script_refuses_an_image_id_of_another_file(tmp_path):
+    import importlib.util
+
+    from hf_detr.data import make_synthetic_coco
+
+    root = make_synthetic_coco(tmp_path / "coco", num_train=1, num_val=5, seed=0, image_size=32)
+    model = tiny_model("detr", num_labels=3)
+    _save(model, processor(model), tmp_path / "ckpt")
+    spec = importlib.util.spec_from_file_location("hf_detr_explain_script", ROOT / "scripts" / "explain.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    annotations = str(root / "annotations" / "instances_val.json")
+    argv = ["--model_name_or_path", str(tmp_path / "ckpt"), "--image", str(root / "val" / "000003.jpg"), "--annotations", annotations,
+            "--image_id", "3", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(ValueError, match=rf"image id 3 is '000002\.jpg' in {annotations}, not \S*000003\.jpg \(its id there is 4\)"):
+        script.main(argv)
+    assert not (tmp_path / "out").exists()

@@ -38,7 +38,7 @@ def launch(tmp_path, *args, num_processes=1):
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(ROOT / "scripts" / "train.py"), *args,
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -94,7 +94,7 @@ def test_default_run_in_one_process(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model_name_or_path", str(output_dir / "step_3"),
          "--dataset_name", str(tmp_path / "cache" / "synthetic-16-6"), "--split", "val", "--output_file", str(metrics_file)],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     trained = json.loads((output_dir / "eval_results.json").read_text())
@@ -182,7 +182,7 @@ def test_local_coco_folder_trains_from_a_transformers_detr_checkpoint(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model_name_or_path", str(detr),
          "--dataset_name", str(coco), "--split", "val"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{detr} is a transformers 'detr' checkpoint: converting it to hf_detr on the fly" in result.stderr
@@ -238,7 +238,7 @@ def test_the_lr_drop_defaults_to_detrs_with_a_dataset_and_to_the_built_in_runs_w
 
 
 def test_help_lists_the_example_scripts_argument_names():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     names = [
         "--dataset_name", "--dataset_config_name", "--output_dir", "--model_name_or_path", "--config_name",

@@ -58,7 +58,7 @@ def fetch(root: Path) -> None:
             sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
             f"transformers=={transformers.__version__}", "--dest", download,
         ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(command, capture_output=True, text=True)
         archives = list(Path(download).glob("transformers-*.tar.gz"))
         if result.returncode != 0 or not archives:
             raise Unavailable(f"`{' '.join(command[2:])}` failed: {result.stderr.strip()[-800:]}")
