@@ -112,13 +112,24 @@ def use_cpu() -> bool:
     return not is_torch_xla_available() and PartialState.default_device.fget(None).type == "cpu"
 
 
+# Deformable DETR trains the layers that say where to sample (deformable attention's sampling offsets, the
+# reference points of its queries) at a tenth of the learning rate
+SAMPLING_LEARNING_RATE_FACTOR = 0.1
+SAMPLING_LAYERS = (".sampling_offsets.", ".reference_points.")
+
+
 def build_optimizer(model, learning_rate: float, backbone_learning_rate: float, weight_decay: float = 1e-4,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:  # fmt: skip
-    """AdamW with DETR's two learning rates: one for the backbone, one for everything else."""
-    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("model.backbone.")]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("model.backbone.")]
-    groups = [{"params": rest, "lr": learning_rate}, {"params": backbone, "lr": backbone_learning_rate}]
-    return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps)
+    """AdamW with DETR's two learning rates, one for the backbone and one for the transformer, and Deformable
+    DETR's third: SAMPLING_LEARNING_RATE_FACTOR x the transformer's for the sampling layers (models with any)."""
+    groups = {"transformer": [], "backbone": [], "sampling": []}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            kind = "backbone" if name.startswith("model.backbone.") else "sampling" if any(s in name for s in SAMPLING_LAYERS) else "transformer"
+            groups[kind].append(parameter)
+    rates = {"transformer": learning_rate, "backbone": backbone_learning_rate, "sampling": learning_rate * SAMPLING_LEARNING_RATE_FACTOR}
+    param_groups = [{"params": groups[kind], "lr": rates[kind]} for kind in groups if groups[kind] or kind != "sampling"]
+    return torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps)
 
 
 def lr_drop_step(max_train_steps: int, lr_drop_fraction: float) -> int:

@@ -98,6 +98,19 @@ def test_optimizer_gives_the_backbone_its_own_learning_rate():
     assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())
 
 
+def test_deformable_models_train_where_to_sample_at_a_tenth_of_the_learning_rate():
+    """Deformable DETR's 0.1x on the sampling offsets (encoder and decoder) and the queries' reference points."""
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="deformable", encoder_attention="deformable"))
+    rest, backbone, sampling = training.build_optimizer(model, 1e-4, 1e-5).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sampling["lr"] == pytest.approx(1e-5) and rest["lr"] == 1e-4 and backbone["lr"] == 1e-5
+    sampled = sorted(names[id(p)] for p in sampling["params"])
+    layers = model.config.encoder_layers + model.config.decoder_layers
+    assert len(sampled) == 2 * layers + 2 and "model.queries.reference_points.weight" in sampled  # weights and biases
+    assert all(".sampling_offsets." in n or ".reference_points." in n for n in sampled)
+    assert not any(".sampling_offsets." in names[id(p)] for p in rest["params"])
+
+
 @pytest.mark.parametrize("num_processes", [1, 2])
 def test_step_schedule_drops_10x_after_its_step_whatever_the_process_count(num_processes):
     """accelerate steps a prepared scheduler once per process per optimizer step: the schedule counts them."""
