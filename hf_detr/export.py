@@ -38,14 +38,22 @@ def _example_and_dims(model, batch_size: int, height: int, width: int, max_side:
     pixel_values = torch.randn(batch_size, model.config.num_channels, height, width, device=device)
     pixel_mask = torch.ones(batch_size, height, width, dtype=torch.long, device=device)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    rows, columns = torch.export.Dim("height", min=64, max=max_side), torch.export.Dim("width", min=64, max=max_side)
+    low = min_side(model.config)
+    rows, columns = torch.export.Dim("height", min=low, max=max_side), torch.export.Dim("width", min=low, max=max_side)
     dynamic = {"pixel_values": {0: batch, 2: rows, 3: columns}, "pixel_mask": {0: batch, 1: rows, 2: columns}}
     return (pixel_values, pixel_mask), dynamic
 
 
+def min_side(config) -> int:
+    """The smallest image side the graph takes: 64 pixels, and with stride-2 levels beyond the backbone's
+    (stride 32) enough for two cells of the coarsest one (a side of one cell would be traced as a constant)."""
+    extra_levels = config.num_feature_levels - config.backbone_stages()
+    return 64 if extra_levels <= 0 else 32 * 2**extra_levels + 1
+
+
 def torch_export(model, batch_size: int = 2, height: int = 96, width: int = 128, max_side: int = 4096) -> torch.export.ExportedProgram:
     """`torch.export.export` of the model in eval mode, the batch, height and width dynamic (an example
-    of batch_size x height x width traces it; sides from 64 to max_side pixels)."""
+    of batch_size x height x width traces it; sides from `min_side(config)` (64 for DETR) to max_side pixels)."""
     model.eval()
     example, dynamic = _example_and_dims(model, batch_size, height, width, max_side)
     return torch.export.export(Detector(model), example, dynamic_shapes=dynamic, strict=False)
@@ -64,4 +72,4 @@ def export_onnx(model, path: str | Path, opset_version: int | None = None, progr
     return path
 
 
-__all__ = ["Detector", "torch_export", "export_onnx", "INPUT_NAMES", "OUTPUT_NAMES"]
+__all__ = ["Detector", "torch_export", "export_onnx", "min_side", "INPUT_NAMES", "OUTPUT_NAMES"]

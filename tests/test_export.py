@@ -12,14 +12,19 @@ import torch
 from PIL import Image
 
 import hf_detr
-from conftest import tiny_config
+from conftest import tiny_backbone_config, tiny_config
 from hf_detr.export import Detector, export_onnx, torch_export
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {  # every query type, with the training-only parts (groups, denoising) that must not reach the graph
+LEVELS = dict(num_feature_levels=4, backbone_config=tiny_backbone_config(out_features=["stage2", "stage3", "stage4"]), encoder_n_points=2, decoder_n_points=2)
+VARIANTS = {  # every query type and attention kind, with the training-only parts (groups, denoising) that must not reach the graph
     "detr": dict(query_type="detr"),
     "conditional": dict(query_type="conditional", class_loss="focal", num_query_groups=2),
     "anchor": dict(query_type="anchor", class_loss="iou_aware", num_query_groups=2, num_denoising_queries=6),
+    # Deformable DETR, two-stage with box refinement, deformable attention over 4 levels
+    "deformable": dict(query_type="deformable", encoder_attention="deformable", with_box_refine=True, two_stage=True, class_loss="focal", **LEVELS),
+    # DN-Deformable-DETR: anchors, groups and denoising with deformable cross-attention over dense multi-level encoding
+    "anchor-deformable": dict(query_type="anchor", decoder_cross_attention="deformable", num_query_groups=2, num_denoising_queries=6, **LEVELS),
 }
 
 

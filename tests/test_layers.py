@@ -112,3 +112,25 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(query_type, in
     layer_calls.clear()
     loss_and_gradients(model, inputs, labels)
     assert len(layer_calls) == num_layers
+
+
+def test_reentrant_gradient_checkpointing_of_a_multi_scale_two_stage_model(inputs, generator):
+    """Reentrant checkpointing passes gradients through a layer's tensor arguments only: the decoder layers get
+    the memory's features and positions as tensors (not only inside the EncoderMemory), or their gradients
+    would be lost or computed twice."""
+    from conftest import tiny_backbone_config
+
+    torch.manual_seed(0)
+    config = tiny_config(
+        query_type="deformable", encoder_attention="deformable", with_box_refine=True, two_stage=True, class_loss="focal",
+        num_feature_levels=4, backbone_config=tiny_backbone_config(out_features=["stage2", "stage3", "stage4"]), freeze_backbone_stages=0,
+    )  # fmt: skip
+    model = hf_detr.HfDetrForObjectDetection(config).train()
+    labels = random_labels([3, 1], model.config.num_labels, generator)
+    loss, gradients = loss_and_gradients(model, inputs, labels)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    checkpointed_loss, checkpointed_gradients = loss_and_gradients(model, inputs, labels)
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=1e-6, atol=1e-7)
+    assert checkpointed_gradients.keys() == gradients.keys() and "model.feature_levels.level_embed" in gradients
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(checkpointed_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
