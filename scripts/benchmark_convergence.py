@@ -11,11 +11,13 @@ same data, in the same order for a given seed, with the same augmentation, image
 schedule (stretched over the budget) and number of steps: the built-in run's recipe
 (`hf_detr.training.run_defaults(built_in=True)`, the sizes of `hf_detr.training.SMALL_MODEL`). Every model has the same backbone (a ResNet trained from scratch with
 live batch norm), width, layer counts and number of queries. hf_detr contenders are `HfDetrConfig` values
-(`HF_CONTENDERS`); transformers' `DetrForObjectDetection`, `ConditionalDetrForObjectDetection` and
-`DabDetrForObjectDetection` are built at the same sizes with their own losses, matchers and defaults
-(`TRANSFORMERS_CONTENDERS`); their backbone is swapped for the same live-BN ResNet, all of it trained
-(transformers freezes an AutoBackbone ResNet's batch norms, and DETR / Conditional DETR all of its
-weights, which at random init would leave them a random frozen backbone). COCO mAP (pycocotools,
+(`HF_CONTENDERS`); transformers' `DetrForObjectDetection`, `ConditionalDetrForObjectDetection`,
+`DabDetrForObjectDetection` and `DeformableDetrForObjectDetection` (plain, and two-stage with box refinement)
+are built at the same sizes with their own losses, matchers and defaults (`TRANSFORMERS_CONTENDERS`); their
+backbone is swapped for the same live-BN ResNet, all of it trained (transformers freezes an AutoBackbone
+ResNet's batch norms, and DETR / Conditional DETR all of its weights, which at random init would leave them a
+random frozen backbone). Multi-scale contenders (hf_detr's and transformers' Deformable DETR) read the small
+backbone's stages and one stride-2 level beyond (`LEVELS`). COCO mAP (pycocotools,
 `hf_detr.evaluation.evaluate_model`) is measured at `--num_evals` evenly spaced points of the budget. The
 top contenders are trained again with further seeds (`--spread_seeds`); their rows show the mean and the
 range. Runs go `--jobs` at a time in subprocesses of `--threads` threads each; time per step (training
@@ -50,7 +52,11 @@ RECIPE_FIELDS = (
     "denoising_box_noise", "look_forward_twice", "scale_encoder_positions", "position_embedding_temperature",
     "normalize_between_decoder_layers", "class_cost", "bbox_cost", "giou_cost", "ce_loss_coefficient",
     "bbox_loss_coefficient", "giou_loss_coefficient", "eos_coefficient", "focal_alpha", "focal_gamma", "iou_aware_alpha",
+    "num_feature_levels", "encoder_attention", "decoder_cross_attention", "encoder_n_points", "decoder_n_points",
+    "with_box_refine", "two_stage", "position_embedding_offset", "decoder_final_norm",
 )  # fmt: skip
+# Several feature levels: the small backbone's stages (its last min(levels, stages) ones) and stride-2 levels beyond
+LEVELS = 4
 FOCAL = dict(class_loss="focal", class_cost=2.0)  # the focal matching cost weight of Deformable / Conditional / DAB-DETR
 DAB = dict(query_type="anchor", scale_encoder_positions=True, position_embedding_temperature=20, look_forward_twice=True)
 # name -> HfDetrConfig values over HfDetrConfig()'s own (the rest of the recipe: the paper's DETR)
@@ -68,10 +74,25 @@ HF_CONTENDERS = {
     # all of the above, the focal loss weighted 2 (Deformable DETR's weight) and matched with class cost 3
     "best": dict(query_type="anchor", num_query_groups=6, num_denoising_queries=40, class_loss="focal", class_cost=3.0, ce_loss_coefficient=2.0),
 }
+# Deformable DETR: the backbone's stages as levels, deformable attention, its queries; transformers' DeformableDetrConfig
+# recipe (the focal loss weighted 1 and matched with class cost 1)
+DEFORMABLE = dict(
+    num_feature_levels=LEVELS, encoder_attention="deformable", query_type="deformable", class_loss="focal", class_cost=1.0,
+    position_embedding_offset=0.5, decoder_final_norm=False,
+)  # fmt: skip
+HF_CONTENDERS.update({
+    "deformable": DEFORMABLE,
+    "deformable-two-stage": dict(DEFORMABLE, with_box_refine=True, two_stage=True),
+    # the best recipe on multi-scale deformable attention: DN-Deformable-DETR with groups
+    "best-deformable": dict(HF_CONTENDERS["best"], num_feature_levels=LEVELS, encoder_attention="deformable", decoder_cross_attention="deformable"),
+})  # fmt: skip
 DEFAULT_RECIPE = "best"  # the contender whose values scripts/train.py's built-in run uses (tested)
-TRANSFORMERS_CONTENDERS = ("transformers-detr", "transformers-conditional", "transformers-dab")
+TRANSFORMERS_CONTENDERS = ("transformers-detr", "transformers-conditional", "transformers-dab", "transformers-deformable", "transformers-deformable-two-stage")
 # each transformers model and the hf_detr contender with its recipe, for the "same recipe" comparison
-COUNTERPARTS = {"transformers-detr": "detr", "transformers-conditional": "conditional-focal", "transformers-dab": "dab-detr"}
+COUNTERPARTS = {
+    "transformers-detr": "detr", "transformers-conditional": "conditional-focal", "transformers-dab": "dab-detr",
+    "transformers-deformable": "deformable", "transformers-deformable-two-stage": "deformable-two-stage",
+}  # fmt: skip
 CONTENDERS = (*HF_CONTENDERS, *TRANSFORMERS_CONTENDERS)
 
 # --quick: a tiny model on a tiny synthetic set, a few steps (every code path, no meaningful number)
@@ -84,7 +105,9 @@ QUICK_MODEL = dict(
 
 def recipe_defaults() -> dict:
     config = hf_detr.HfDetrConfig()
-    return {field: getattr(config, field) for field in RECIPE_FIELDS}
+    defaults = {field: getattr(config, field) for field in RECIPE_FIELDS}
+    defaults["decoder_cross_attention"] = None  # the query type's own (a default config's is DETR's "dense")
+    return defaults
 
 
 def resolve_settings(args) -> dict:
@@ -131,18 +154,29 @@ def load_data(settings: dict):
 # ----------------------------------------------------------------------------------------------- models
 
 
+def multi_scale_backbone(backbone: dict, levels: int) -> dict:
+    """The small backbone giving its last min(levels, stages) stages (the levels beyond are stride-2 convolutions)."""
+    stages = len(backbone["hidden_sizes"])
+    return {**backbone, "out_features": [f"stage{i}" for i in range(stages - min(levels, stages) + 1, stages + 1)]}
+
+
 def hf_config(name: str, settings: dict, categories) -> hf_detr.HfDetrConfig:
     labels = dict(id2label=categories.id2label, label2id=categories.label2id, category_ids=list(categories.category_ids))
-    return hf_detr.HfDetrConfig(**{**settings["model"], **recipe_defaults(), **HF_CONTENDERS[name], **labels})
+    recipe = HF_CONTENDERS[name]
+    model = dict(settings["model"])
+    if recipe.get("num_feature_levels", 1) > 1:
+        model["backbone_config"] = multi_scale_backbone(model["backbone_config"], recipe["num_feature_levels"])
+    return hf_detr.HfDetrConfig(**{**model, **recipe_defaults(), **recipe, **labels})
 
 
 def transformers_model(name: str, settings: dict, categories):
     """transformers' model of the same sizes (its own loss, matcher, costs and init), with hf_detr's backbone
     module type: a live-BN ResNet, trained whole. -> (model, the HfDetrConfig whose processor fits it)."""
     from transformers import AutoBackbone, ConditionalDetrConfig, ConditionalDetrForObjectDetection, DabDetrConfig
-    from transformers import DabDetrForObjectDetection, DetrConfig, DetrForObjectDetection
+    from transformers import DabDetrForObjectDetection, DeformableDetrConfig, DeformableDetrForObjectDetection, DetrConfig
+    from transformers import DetrForObjectDetection
 
-    sizes = hf_config("detr", settings, categories)
+    sizes = hf_config("deformable" if "deformable" in name else "detr", settings, categories)
     kwargs = dict(
         backbone_config=sizes.backbone_config, use_timm_backbone=False, use_pretrained_backbone=False, auxiliary_loss=True,
         id2label=categories.id2label, label2id=categories.label2id,
@@ -154,7 +188,13 @@ def transformers_model(name: str, settings: dict, categories):
         "transformers-detr": (DetrConfig, DetrForObjectDetection, "softmax"),
         "transformers-conditional": (ConditionalDetrConfig, ConditionalDetrForObjectDetection, "focal"),
         "transformers-dab": (DabDetrConfig, DabDetrForObjectDetection, "focal"),
+        "transformers-deformable": (DeformableDetrConfig, DeformableDetrForObjectDetection, "focal"),
+        "transformers-deformable-two-stage": (DeformableDetrConfig, DeformableDetrForObjectDetection, "focal"),
     }[name]
+    if config_class is DeformableDetrConfig:  # the levels of hf_detr's deformable contenders
+        kwargs.update(num_feature_levels=sizes.num_feature_levels, two_stage_num_proposals=sizes.num_queries)
+        if name.endswith("two-stage"):
+            kwargs.update(with_box_refine=True, two_stage=True)
     config = config_class(**kwargs, **({"hidden_size": width} if config_class is DabDetrConfig else {"d_model": width}))
     model = model_class(config)
     encoder = model.model.backbone
