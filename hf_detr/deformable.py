@@ -16,15 +16,16 @@ exported graphs keep height and width dynamic). Then
 - eagerly, `F.embedding_bag(mode="sum", per_sample_weights=...)` gathers and sums those rows in one
   pass without materialising them, a chunk of queries at a time. transformers' op instead runs one
   grid_sample per level into a [B * H, Dh, Q, L * P] stack (80 MB per level for an 800x1200 encoder)
-  and weights and sums it afterwards. The backward (`_DeformableSampling`) is written out per chunk:
-  d/d(corner weight) = gathered row . output gradient, d/d(value) = index_add of weighted output
-  gradients, and autograd through the corner code gives d/d(locations) and d/d(attention weights).
-  (autograd of embedding_bag itself sorts all indices for the value gradient: 3x slower.)
+  and weights and sums it afterwards. The backward (`_DeformableSampling`) recomputes the corners
+  chunk by chunk: d/d(corner weight) = value row . output gradient (embedding_bag's own gradient for
+  its per-sample weights), d/d(value) = index_add of weighted output gradients (autograd of
+  embedding_bag would sort all indices for it: ~3x slower), and autograd through the corner code
+  gives d/d(locations) and d/d(attention weights).
 - while exporting or tracing, the same rows are gathered with index_select and summed with a matmul,
   one corner at a time (Gather + MatMul in ONNX). onnxscript lowers embedding_bag to an ONNX Loop
   over bags, which onnxruntime ran ~30x slower (7.1 s against 0.24 s for 20k bags of 64 rows).
 
-Numbers against transformers' op: `python scripts/benchmark.py --rows deform` and BENCHMARKS.md.
+Timed against transformers' layer by `python scripts/benchmark.py --rows deform`.
 
 This file is part of the model surface (saved next to config.json): it imports only torch.
 """
@@ -36,15 +37,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-# Eager mode works through the (batch, query) rows in chunks of about CHUNK_CORNERS corners (int32
-# indices and fp32 weights: 16 MB each), and the backward scatters the value gradient in sub-chunks of
-# SCATTER_CORNERS weighted rows (16 MB at Dh 32). Both stay under glibc's 32 MB mmap threshold, above
-# which every allocation faults its pages in again (~3 us per 4 KB page on a 2-core VM). Otherwise
-# chunks are as large as possible: each costs ~25 ops forward, ~60 backward, and on CPU every op is a
-# thread-pool synchronisation, which waits a scheduler time slice (~10 ms) when other processes hold
-# the cores (measured at load 6 on 2 cores: a 1M-element add took 12 ms on 2 threads, 0.9 ms on 1).
+# Eager mode works through the (batch, query) rows in chunks of about CHUNK_CORNERS corners: int32
+# indices and fp32 weights, 16 MB each, under glibc's 32 MB mmap threshold, above which every
+# allocation faults its pages in again (~3 us per 4 KB page on a 2-core VM). The backward scatters the
+# value gradient SCATTER_CORNERS weighted rows at a time (64 MB at Dh 32), through one buffer per call.
+# Otherwise chunks are as large as possible: each costs ~25 ops forward, ~50 backward (+3 per scatter),
+# and on CPU every op is a thread-pool synchronisation, which waits for a scheduler time slice (~10 ms)
+# when other processes hold the cores (measured at load 6 on 2 cores: a 1M-element add took 12 ms on
+# 2 threads, 0.9 ms on 1; 2**17-corner chunks made the op 4x slower than transformers' there).
 CHUNK_CORNERS = 2**22
-SCATTER_CORNERS = 2**17
+SCATTER_CORNERS = 2**19
 
 
 def exporting() -> bool:
@@ -216,6 +218,7 @@ class _DeformableSampling(torch.autograd.Function):
         grad_output = grad_output.reshape(-1, head_dim)  # one row per (batch, query, head)
         locations, weights = layout.rows(sampling_locations), layout.rows(attention_weights)
         grad_table = torch.zeros_like(table) if need_value else None
+        weighted = None  # the scatter buffer, allocated once
         grad_locations = torch.zeros_like(locations) if need_locations else None
         grad_weights = torch.zeros_like(weights) if need_weights else None
         for first, last in layout.chunks():
@@ -240,10 +243,13 @@ class _DeformableSampling(torch.autograd.Function):
                     grad_weights[first:last] = next(grads)
             if need_value:  # (embedding_bag's value gradient would sort all indices: 3x slower)
                 step = max(1, SCATTER_CORNERS // indices.shape[1])
+                if weighted is None:
+                    weighted = grad_chunk.new_empty(min(step, indices.shape[0]), indices.shape[1], head_dim)
                 for bag in range(0, indices.shape[0], step):
-                    weighted = detached[bag : bag + step, :, None].detach() * grad_chunk[bag : bag + step, None]
+                    rows = weighted[: min(step, indices.shape[0] - bag)]
+                    torch.mul(detached[bag : bag + step, :, None].detach(), grad_chunk[bag : bag + step, None], out=rows)
                     # int64: index_add_ then runs as one scatter_add (2x faster than its int32 loop)
-                    grad_table.index_add_(0, indices[bag : bag + step].flatten().long(), weighted.flatten(0, 1))
+                    grad_table.index_add_(0, indices[bag : bag + step].flatten().long(), rows.flatten(0, 1))
         return (
             None if grad_table is None else grad_table.view_as(value),
             None,
