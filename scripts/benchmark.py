@@ -65,7 +65,7 @@ class Sizes:
     throughput_batch: int = 8
     deform_levels: tuple = ((100, 150), (50, 75), (25, 38), (13, 19))  # an 800x1200 image at strides 8, 16, 32, 64
     deform_batch: int = 1
-    repeats: dict = field(default_factory=lambda: {"infer1": 7, "infer4": 4, "train": 8, "loss": 30, "data": 10, "modes": 5, "throughput": 10, "deform": 5})
+    repeats: dict = field(default_factory=lambda: {"infer1": 7, "infer4": 4, "train": 8, "loss": 30, "data": 10, "modes": 5, "throughput": 10, "deform": 3})
     warmup: dict = field(default_factory=lambda: {"infer1": 1, "infer4": 1, "train": 2, "loss": 3, "data": 1, "modes": 1, "throughput": 3, "deform": 1})
     quick: bool = False
 
@@ -531,12 +531,20 @@ def deform_rows(sizes: Sizes) -> list[Row]:
     hf_detr.deformable (one gather over all levels), same weights and inputs, at Deformable-DETR-R50's
     sizes (d_model 256, 8 heads, 4 levels, 4 points). Encoder self-attention: every position of the
     levels is a query, its reference its own pixel centre on every level; decoder cross-attention:
-    300 queries with random reference points. Both with the memory's padding mask (all real: one image).
-    Forward under no_grad, and forward + backward of a fixed random output gradient (gradients of the
-    inputs and the weights)."""
+    300 queries with random reference points; both with the memory's padding mask (all real: one
+    image). Forward under no_grad, and forward + backward of a fixed random output gradient (gradients
+    of the inputs and the weights). Then the sampling op alone (transformers' MultiScaleDeformableAttention
+    module against hf_detr.deformable.multi_scale_deformable_attention) on the value, locations and
+    weights the layer computes: the layer's projections are the same work on both sides (for the
+    decoder most of the layer's time: value_proj of the whole memory)."""
+    from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
+
+    from hf_detr.deformable import multi_scale_deformable_attention
+
     d_model, heads, points = 256, 8, 4
     levels = len(sizes.deform_levels)
     reference, ours = deformable_layers(d_model, heads, levels, points)
+    reference_op = MultiScaleDeformableAttention()
     spatial_shapes = torch.tensor(sizes.deform_levels, device=DEVICE)
     shapes_list = [tuple(shape) for shape in sizes.deform_levels]
     areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
@@ -555,44 +563,57 @@ def deform_rows(sizes: Sizes) -> list[Row]:
         "decoder cross-attention": (torch.randn(batch, 300, d_model, generator=generator).to(DEVICE),
                                     torch.rand(batch, 300, 1, 2, generator=generator).to(DEVICE).expand(-1, -1, levels, -1)),
     }  # fmt: skip
+    repeats, warmup = sizes.repeats["deform"], sizes.warmup["deform"]
     rows = []
-    for workload, (query, reference_points) in workloads.items():
-        grad = torch.randn(query.shape, generator=generator).to(DEVICE)
-        inputs = [query.clone().requires_grad_(), memory.clone().requires_grad_()]
 
-        def run_reference(query, memory):
+    def compare(name, run_reference, run_ours, inputs, reference_weights=(), our_weights=()):
+        """A forward row and a forward + backward row; gradients of `inputs` and of the weights."""
+        with torch.no_grad():
+            difference = (run_reference(*inputs) - run_ours(*inputs)).abs().max().item()
+            times = interleaved(lambda: run_reference(*inputs), lambda: run_ours(*inputs), repeats, warmup)
+        ref_time, our_time, ratio = summary(*times)
+        rows.append(Row(f"{name}, forward", fmt_time(ref_time), fmt_time(our_time), ratio, None, f"max|d out| {difference:.1e}"))
+
+        leaves = [tensor.detach().clone().requires_grad_() for tensor in inputs]
+        grad = torch.randn(run_ours(*inputs).shape, generator=generator).to(DEVICE)
+
+        def step(run, weights):
+            def run_step():
+                for tensor in [*leaves, *weights]:
+                    tensor.grad = None
+                run(*leaves).backward(grad)
+                return [tensor.grad for tensor in [*leaves, *weights]]
+
+            return run_step
+
+        reference_step, our_step = step(run_reference, reference_weights), step(run_ours, our_weights)
+        relative = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(our_step(), reference_step()))
+        ref_time, our_time, ratio = summary(*interleaved(reference_step, our_step, repeats, warmup))
+        notes = f"gradients ({'inputs, weights' if our_weights else 'inputs'}): max relative difference {relative:.1e}"
+        rows.append(Row(f"{name}, forward + backward", fmt_time(ref_time), fmt_time(our_time), ratio, None, notes))
+
+    for workload, (query, reference_points) in workloads.items():
+
+        def reference_layer(query, memory):
             return reference(
                 hidden_states=query, attention_mask=value_mask, encoder_hidden_states=memory, reference_points=reference_points,
                 spatial_shapes=spatial_shapes, spatial_shapes_list=shapes_list, level_start_index=level_start,
             )[0]  # fmt: skip
 
-        def run_ours(query, memory):
+        def our_layer(query, memory):
             return ours(query, reference_points, memory, value_mask, spatial_shapes)[0]
 
-        def backward(layer, run):
-            def step():
-                layer.zero_grad(set_to_none=True)
-                for tensor in inputs:
-                    tensor.grad = None
-                run(*inputs).backward(grad)
-                return [tensor.grad for tensor in inputs] + [p.grad for p in layer.parameters()]
-
-            return step
-
-        def row(name, times, notes):
-            ref_time, our_time, ratio = summary(*times)
-            return Row(name, fmt_time(ref_time), fmt_time(our_time), ratio, None, notes)
-
-        repeats, warmup = sizes.repeats["deform"], sizes.warmup["deform"]
-        with torch.no_grad():
-            difference = (run_reference(query, memory) - run_ours(query, memory)).abs().max().item()
-            times = interleaved(lambda: run_reference(query, memory), lambda: run_ours(query, memory), repeats, warmup)
         name = f"deformable attn, {workload}, batch {batch}, {query.shape[1]} queries"
-        rows.append(row(f"{name}, forward", times, f"max|d out| {difference:.1e}"))
-        reference_step, our_step = backward(reference, run_reference), backward(ours, run_ours)
-        relative = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(our_step(), reference_step()))
-        times = interleaved(reference_step, our_step, repeats, warmup)
-        rows.append(row("  same, forward + backward", times, f"gradients (inputs, weights): max relative difference {relative:.1e}"))
+        compare(f"{name}: layer", reference_layer, our_layer, [query, memory], list(reference.parameters()), list(ours.parameters()))
+        with torch.no_grad():  # the op's inputs as the layer makes them
+            _, (locations, weights) = ours(query, reference_points, memory, value_mask, spatial_shapes, output_sampling=True)
+            value = ours.value_proj(memory).view(batch, length, heads, d_model // heads)
+        compare(
+            "  sampling op alone",
+            lambda value, locations, weights: reference_op(value, spatial_shapes, shapes_list, level_start, locations, weights, 64),
+            lambda value, locations, weights: multi_scale_deformable_attention(value, spatial_shapes, locations, weights),
+            [value, locations, weights],
+        )  # fmt: skip
     return rows
 
 
