@@ -4,6 +4,7 @@
     python scripts/benchmark.py --quick            # tiny sizes: checks that every row runs (seconds)
     python scripts/benchmark.py --rows infer1,train --repeats 5
     python scripts/benchmark.py --device cuda      # the same table on a GPU, plus the training-throughput table
+    python scripts/benchmark.py --rows deform      # deformable attention layer vs transformers' (Deformable-DETR-R50 shapes)
 
 Method. One process builds a transformers DETR-R50 (`DetrConfig(use_timm_backbone=False)` with an
 AutoBackbone ResNet-50, 91 classes, auxiliary loss, default dropout) with random but fixed weights,
@@ -35,9 +36,10 @@ from pathlib import Path
 
 import torch
 
-ROWS = ("infer1", "infer4", "train", "loss", "data", "memory", "modes", "throughput")
-# Run by default: on CPU the throughput row (batch 8 at 800x1333) would take many minutes and ~20 GB.
-DEFAULT_ROWS = {"cpu": tuple(row for row in ROWS if row != "throughput"), "cuda": ROWS}
+ROWS = ("infer1", "infer4", "train", "loss", "data", "memory", "modes", "throughput", "deform")
+# Run by default: on CPU the throughput row (batch 8 at 800x1333) would take many minutes and ~20 GB,
+# the deform rows (transformers' deformable attention backward at 800x1200) about a minute.
+DEFAULT_ROWS = {"cpu": tuple(row for row in ROWS if row not in ("throughput", "deform")), "cuda": ROWS}
 
 # Where the models and inputs live; set once by main() from --device. The data row runs on CPU either way.
 DEVICE = torch.device("cpu")
@@ -59,8 +61,10 @@ class Sizes:
     data_size: tuple[int, int] = (800, 1333)  # shortest edge, longest edge cap
     throughput_size: tuple[int, int] = (800, 1333)  # every image of the batch at this size, no padding
     throughput_batch: int = 8
-    repeats: dict = field(default_factory=lambda: {"infer1": 7, "infer4": 4, "train": 8, "loss": 30, "data": 10, "modes": 5, "throughput": 10})
-    warmup: dict = field(default_factory=lambda: {"infer1": 1, "infer4": 1, "train": 2, "loss": 3, "data": 1, "modes": 1, "throughput": 3})
+    deform_levels: tuple = ((100, 150), (50, 75), (25, 38), (13, 19))  # an 800x1200 image at strides 8, 16, 32, 64
+    deform_batch: int = 1
+    repeats: dict = field(default_factory=lambda: {"infer1": 7, "infer4": 4, "train": 8, "loss": 30, "data": 10, "modes": 5, "throughput": 10, "deform": 3})
+    warmup: dict = field(default_factory=lambda: {"infer1": 1, "infer4": 1, "train": 2, "loss": 3, "data": 1, "modes": 1, "throughput": 3, "deform": 1})
     quick: bool = False
 
 
@@ -77,8 +81,9 @@ QUICK = Sizes(
     data_size=(64, 96),
     throughput_size=(64, 96),
     throughput_batch=2,
-    repeats={"infer1": 2, "infer4": 2, "train": 2, "loss": 2, "data": 2, "modes": 2, "throughput": 2},
-    warmup={"infer1": 1, "infer4": 1, "train": 1, "loss": 1, "data": 1, "modes": 1, "throughput": 1},
+    deform_levels=((10, 15), (5, 8), (3, 4), (2, 2)),
+    repeats={"infer1": 2, "infer4": 2, "train": 2, "loss": 2, "data": 2, "modes": 2, "throughput": 2, "deform": 2},
+    warmup={"infer1": 1, "infer4": 1, "train": 1, "loss": 1, "data": 1, "modes": 1, "throughput": 1, "deform": 1},
     quick=True,
 )
 
@@ -491,6 +496,120 @@ def row_memory(sizes: Sizes) -> Row:
     )  # fmt: skip
 
 
+# ------------------------------------------------------------------------------ deformable attention
+
+
+def deformable_layers(d_model: int, heads: int, levels: int, points: int):
+    """(transformers' DeformableDetrMultiscaleDeformableAttention, hf_detr's layer) with the same weights:
+    Deformable DETR's initialisation, then moved off it (offsets that depend on the query, non-uniform
+    attention), as after some training."""
+    from transformers import DeformableDetrConfig
+    from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrMultiscaleDeformableAttention
+
+    from hf_detr.deformable import MultiScaleDeformableAttention
+
+    torch.manual_seed(5)
+    ours = MultiScaleDeformableAttention(d_model, heads, levels, points)
+    with torch.no_grad():
+        ours.sampling_offsets.weight.normal_(0, 0.05)  # a few pixels of spread around the initial ring
+        ours.attention_weights.weight.normal_(0, 0.05)
+    config = DeformableDetrConfig(d_model=d_model, encoder_attention_heads=heads, num_feature_levels=levels, encoder_n_points=points)
+    reference = DeformableDetrMultiscaleDeformableAttention(config, num_heads=heads, n_points=points)
+    reference.load_state_dict(ours.state_dict())
+    return reference.to(DEVICE), ours.to(DEVICE)
+
+
+def deform_rows(sizes: Sizes) -> list[Row]:
+    """The deformable attention layer alone: transformers' (one grid_sample per level) against
+    hf_detr.deformable (one gather over all levels), same weights and inputs, at Deformable-DETR-R50's
+    sizes (d_model 256, 8 heads, 4 levels, 4 points). Encoder self-attention: every position of the
+    levels is a query, its reference its own pixel centre on every level; decoder cross-attention:
+    300 queries with random reference points; both with the memory's padding mask (all real: one
+    image). Forward under no_grad, and forward + backward of a fixed random output gradient (gradients
+    of the inputs and the weights). Then the sampling op alone (transformers' MultiScaleDeformableAttention
+    module against hf_detr.deformable.multi_scale_deformable_attention) on the value, locations and
+    weights the layer computes: the layer's projections are the same work on both sides (for the
+    decoder most of the layer's time: value_proj of the whole memory)."""
+    from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
+
+    from hf_detr.deformable import multi_scale_deformable_attention
+
+    d_model, heads, points = 256, 8, 4
+    levels = len(sizes.deform_levels)
+    reference, ours = deformable_layers(d_model, heads, levels, points)
+    reference_op = MultiScaleDeformableAttention()
+    spatial_shapes = torch.tensor(sizes.deform_levels, device=DEVICE)
+    shapes_list = [tuple(shape) for shape in sizes.deform_levels]
+    areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    level_start = areas.cumsum(0) - areas
+    length, batch = int(areas.sum()), sizes.deform_batch
+    generator = torch.Generator().manual_seed(6)
+    memory = torch.randn(batch, length, d_model, generator=generator).to(DEVICE)
+    value_mask = torch.ones(batch, length, dtype=torch.bool, device=DEVICE)
+    centres = []
+    for h, w in sizes.deform_levels:
+        y, x = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+        centres.append(torch.stack([x.flatten(), y.flatten()], -1))
+    workloads = {
+        "encoder self-attention": (memory + torch.randn(memory.shape, generator=generator).to(DEVICE),
+                                   torch.cat(centres).to(DEVICE)[None, :, None].expand(batch, -1, levels, -1)),
+        "decoder cross-attention": (torch.randn(batch, 300, d_model, generator=generator).to(DEVICE),
+                                    torch.rand(batch, 300, 1, 2, generator=generator).to(DEVICE).expand(-1, -1, levels, -1)),
+    }  # fmt: skip
+    repeats, warmup = sizes.repeats["deform"], sizes.warmup["deform"]
+    rows = []
+
+    def compare(name, run_reference, run_ours, inputs, reference_weights=(), our_weights=()):
+        """A forward row and a forward + backward row; gradients of `inputs` and of the weights."""
+        with torch.no_grad():
+            difference = (run_reference(*inputs) - run_ours(*inputs)).abs().max().item()
+            times = interleaved(lambda: run_reference(*inputs), lambda: run_ours(*inputs), repeats, warmup)
+        ref_time, our_time, ratio = summary(*times)
+        rows.append(Row(f"{name}, forward", fmt_time(ref_time), fmt_time(our_time), ratio, f"max|d out| {difference:.1e}"))
+
+        leaves = [tensor.detach().clone().requires_grad_() for tensor in inputs]
+        grad = torch.randn(run_ours(*inputs).shape, generator=generator).to(DEVICE)
+
+        def step(run, weights):
+            def run_step():
+                for tensor in [*leaves, *weights]:
+                    tensor.grad = None
+                run(*leaves).backward(grad)
+                return [tensor.grad for tensor in [*leaves, *weights]]
+
+            return run_step
+
+        reference_step, our_step = step(run_reference, reference_weights), step(run_ours, our_weights)
+        relative = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(our_step(), reference_step()))
+        ref_time, our_time, ratio = summary(*interleaved(reference_step, our_step, repeats, warmup))
+        notes = f"gradients ({'inputs, weights' if our_weights else 'inputs'}): max relative difference {relative:.1e}"
+        rows.append(Row(f"{name}, forward + backward", fmt_time(ref_time), fmt_time(our_time), ratio, notes))
+
+    for workload, (query, reference_points) in workloads.items():
+
+        def reference_layer(query, memory):
+            return reference(
+                hidden_states=query, attention_mask=value_mask, encoder_hidden_states=memory, reference_points=reference_points,
+                spatial_shapes=spatial_shapes, spatial_shapes_list=shapes_list, level_start_index=level_start,
+            )[0]  # fmt: skip
+
+        def our_layer(query, memory):
+            return ours(query, reference_points, memory, value_mask, spatial_shapes)[0]
+
+        name = f"deformable attn, {workload}, batch {batch}, {query.shape[1]} queries"
+        compare(f"{name}: layer", reference_layer, our_layer, [query, memory], list(reference.parameters()), list(ours.parameters()))
+        with torch.no_grad():  # the op's inputs as the layer makes them
+            _, (locations, weights) = ours(query, reference_points, memory, value_mask, spatial_shapes, output_sampling=True)
+            value = ours.value_proj(memory).view(batch, length, heads, d_model // heads)
+        compare(
+            "  sampling op alone",
+            lambda value, locations, weights: reference_op(value, spatial_shapes, shapes_list, level_start, locations, weights, 64),
+            lambda value, locations, weights: multi_scale_deformable_attention(value, spatial_shapes, locations, weights),
+            [value, locations, weights],
+        )  # fmt: skip
+    return rows
+
+
 # ------------------------------------------------------------------------------------ optional modes
 
 
@@ -741,6 +860,8 @@ def main(argv=None):
             table.extend(row_data(sizes))
         elif row == "memory":
             table.append(row_memory(sizes))
+        elif row == "deform":
+            table.extend(deform_rows(sizes))
         if row not in ("modes", "throughput"):
             print(f"  done: {table[-1].name} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     header_cells = ["row", "transformers", "hf_detr", "speed-up (ours)", "notes"]

@@ -53,3 +53,24 @@ def test_device_is_checked():
             continue
         done = subprocess.run([sys.executable, str(SCRIPT), "--device", device, "--quick"], capture_output=True, text=True)
         assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_deform_rows_run_and_agree_with_transformers():
+    """--rows deform (not a default CPU row) at tiny sizes: encoder and decoder, layer and op alone, forward
+    and forward + backward, each with a speed-up and outputs / gradients that agree with transformers'."""
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--rows", "deform"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("| ")][1:]  # the header row aside
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    names = [row[0] for row in rows]
+    for i, workload in ((0, "encoder self-attention, batch 1, 206 queries"), (4, "decoder cross-attention, batch 1, 300 queries")):
+        assert names[i : i + 4] == [
+            f"deformable attn, {workload}: layer, forward", f"deformable attn, {workload}: layer, forward + backward",
+            "sampling op alone, forward", "sampling op alone, forward + backward",
+        ]  # fmt: skip
+    assert len(rows) == 8
+    for line, row in zip(lines, rows):
+        assert row[3].endswith("x") and float(row[3][:-1]) > 0 and row[4] == "", row  # no target
+        assert float(line.rstrip(" |").split()[-1]) < 1e-4, line  # max|d out| or the gradients' relative difference
