@@ -27,7 +27,7 @@ exported graphs keep height and width dynamic). Then
 
 Timed against transformers' layer by `python scripts/benchmark.py --rows deform`.
 
-This file is part of the model surface (saved next to config.json): it imports only torch.
+This file is part of the model surface (saved next to config.json): it imports only torch and transformers.
 """
 
 import math
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from transformers import initialization as init
 
 # Eager mode works through the (batch, query) rows in chunks of about CHUNK_CORNERS corners: int32
 # indices and fp32 weights, 16 MB each, under glibc's 32 MB mmap threshold, above which every
@@ -312,7 +313,8 @@ class MultiScaleDeformableAttention(nn.Module):
         steps = torch.arange(1, points + 1, dtype=torch.float32)
         offsets = directions[:, None, None, :] * steps[None, None, :, None]  # [H, 1, P, 2]
         nn.init.zeros_(self.sampling_offsets.weight)
-        self.sampling_offsets.bias.copy_(offsets.expand(heads, levels, points, 2).flatten())
+        # whole tensors through transformers' guarded init only: from_pretrained runs this too, on loaded weights
+        init.copy_(self.sampling_offsets.bias, offsets.expand(heads, levels, points, 2).flatten())
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
         for projection in (self.value_proj, self.output_proj):
