@@ -5,6 +5,7 @@
     python scripts/benchmark.py --rows infer1,train --repeats 5
     python scripts/benchmark.py --device cuda      # the same table on a GPU, plus the training-throughput table
     python scripts/benchmark.py --rows deform      # deformable attention layer vs transformers' (Deformable-DETR-R50 shapes)
+    python scripts/benchmark.py --rows deformable-infer1,deformable-train   # Deformable DETR-R50 vs transformers'
 
 Method. One process builds a transformers DETR-R50 (`DetrConfig(use_timm_backbone=False)` with an
 AutoBackbone ResNet-50, 91 classes, auxiliary loss, default dropout) with random but fixed weights,
@@ -17,7 +18,8 @@ subprocesses instead (see `memory_worker`). The optional-modes table compares hf
 (fp32 eager) the same way and gives each mode's largest output difference from fp32. The throughput
 table (`--rows throughput`, a default row on a GPU) times full training steps, batch 8 at 800x1333, of
 transformers at fp32 and at bf16 autocast against hf_detr at bf16 autocast (and fp32), with each side's
-peak GPU memory.
+peak GPU memory. The deformable-* rows do the same with transformers' DeformableDetrForObjectDetection
+(R50, 4 levels, the plain model) converted to hf_detr.
 """
 
 import argparse
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-ROWS = ("infer1", "infer4", "train", "loss", "data", "memory", "modes", "throughput", "deform")
+ROWS = ("infer1", "infer4", "train", "loss", "data", "memory", "modes", "throughput", "deform", "deformable-infer1", "deformable-train")
 # Run by default: on CPU the throughput row (batch 8 at 800x1333) would take many minutes and ~20 GB,
 # the deform rows (transformers' deformable attention backward at 800x1200) about a minute.
 DEFAULT_ROWS = {"cpu": tuple(row for row in ROWS if row not in ("throughput", "deform")), "cuda": ROWS}
@@ -63,8 +65,10 @@ class Sizes:
     throughput_batch: int = 8
     deform_levels: tuple = ((100, 150), (50, 75), (25, 38), (13, 19))  # an 800x1200 image at strides 8, 16, 32, 64
     deform_batch: int = 1
-    repeats: dict = field(default_factory=lambda: {"infer1": 7, "infer4": 4, "train": 8, "loss": 30, "data": 10, "modes": 5, "throughput": 10, "deform": 3})
-    warmup: dict = field(default_factory=lambda: {"infer1": 1, "infer4": 1, "train": 2, "loss": 3, "data": 1, "modes": 1, "throughput": 3, "deform": 1})
+    repeats: dict = field(default_factory=lambda: {"infer1": 7, "infer4": 4, "train": 8, "loss": 30, "data": 10, "modes": 5, "throughput": 10, "deform": 3,
+                                                        "deformable-infer1": 5, "deformable-train": 4})
+    warmup: dict = field(default_factory=lambda: {"infer1": 1, "infer4": 1, "train": 2, "loss": 3, "data": 1, "modes": 1, "throughput": 3, "deform": 1,
+                                                       "deformable-infer1": 1, "deformable-train": 1})
     quick: bool = False
 
 
@@ -82,8 +86,10 @@ QUICK = Sizes(
     throughput_size=(64, 96),
     throughput_batch=2,
     deform_levels=((10, 15), (5, 8), (3, 4), (2, 2)),
-    repeats={"infer1": 2, "infer4": 2, "train": 2, "loss": 2, "data": 2, "modes": 2, "throughput": 2, "deform": 2},
-    warmup={"infer1": 1, "infer4": 1, "train": 1, "loss": 1, "data": 1, "modes": 1, "throughput": 1, "deform": 1},
+    repeats={"infer1": 2, "infer4": 2, "train": 2, "loss": 2, "data": 2, "modes": 2, "throughput": 2, "deform": 2,
+             "deformable-infer1": 2, "deformable-train": 2},
+    warmup={"infer1": 1, "infer4": 1, "train": 1, "loss": 1, "data": 1, "modes": 1, "throughput": 1, "deform": 1,
+            "deformable-infer1": 1, "deformable-train": 1},
     quick=True,
 )
 
@@ -105,13 +111,34 @@ def detr_config(quick: bool):
     return DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone, num_labels=91, auxiliary_loss=True)
 
 
-def build_models(quick: bool):
-    """(transformers DetrForObjectDetection, hf_detr model with the same weights), both in eval mode."""
+def deformable_config(quick: bool):
+    """transformers' Deformable DETR-R50 (4 levels: ResNet-50's last 3 stages + one stride-2 level, 300 queries, FFN
+    1024, 4 points per head and level, the plain model), or a tiny one."""
+    from transformers import DeformableDetrConfig, ResNetConfig
+
+    stages = ["stage2", "stage3", "stage4"]
+    if quick:
+        backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], out_features=stages)
+        return DeformableDetrConfig(
+            use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone, num_labels=5, d_model=32,
+            encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, num_queries=10, auxiliary_loss=True,
+        )  # fmt: skip
+    backbone = ResNetConfig(out_features=stages)  # ResNet-50
+    return DeformableDetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone, num_labels=91, auxiliary_loss=True)
+
+
+def build_models(quick: bool, family: str = "detr"):
+    """(transformers' DetrForObjectDetection, or its DeformableDetrForObjectDetection for family "deformable";
+    the hf_detr model with the same weights), both in eval mode."""
     import hf_detr
-    from transformers import DetrForObjectDetection
+    from transformers import DeformableDetrForObjectDetection, DetrForObjectDetection
 
     torch.manual_seed(0)
-    reference = DetrForObjectDetection(detr_config(quick))
+    if family == "deformable":
+        reference = DeformableDetrForObjectDetection(deformable_config(quick))
+    else:
+        reference = DetrForObjectDetection(detr_config(quick))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, buffer in reference.named_buffers():
@@ -212,7 +239,7 @@ def print_table(title: str, header: list[str], rows: list[list[str]]):
 # ----------------------------------------------------------------------------------------------- rows
 
 
-def row_inference(reference, ours, sizes: Sizes, batch: int, key: str) -> Row:
+def row_inference(reference, ours, sizes: Sizes, batch: int, key: str, label: str = "") -> Row:
     generator = torch.Generator().manual_seed(batch)
     pixel_values, pixel_mask = padded_batch(sizes.infer_real_sizes, sizes.infer_size, batch, generator)
     with torch.no_grad():
@@ -228,7 +255,7 @@ def row_inference(reference, ours, sizes: Sizes, batch: int, key: str) -> Row:
     ref_time, our_time, ratio = summary(*times)
     h, w = sizes.infer_size
     return Row(
-        f"inference, batch {batch}, {h}x{w} + mask", fmt_time(ref_time), fmt_time(our_time), ratio,
+        f"{label}inference, batch {batch}, {h}x{w} + mask", fmt_time(ref_time), fmt_time(our_time), ratio,
         f"max|d logits| {logits_diff:.1e}, max|d boxes| {boxes_diff:.1e}",
     )  # fmt: skip
 
@@ -257,7 +284,7 @@ def copy_backbone_trainability(source, target):
             parameter.requires_grad_(flags[name])
 
 
-def row_training(reference, ours, sizes: Sizes, backbone: str) -> Row:
+def row_training(reference, ours, sizes: Sizes, backbone: str, key: str = "train", label: str = "") -> Row:
     """backbone "detr": both train DETR's set (all but the ResNet stem and first stage). transformers
     5.x would train none of its AutoBackbone: its rule keeps parameters named "stage.1" .. "stage.3"
     trainable, but the names read "stages.1" ..; it is given our flags, so both sides do the same work.
@@ -277,7 +304,7 @@ def row_training(reference, ours, sizes: Sizes, backbone: str) -> Row:
         times = interleaved(
             lambda: training_step(reference, pixel_values, pixel_mask, labels),
             lambda: training_step(ours, pixel_values, pixel_mask, labels),
-            sizes.repeats["train"], sizes.warmup["train"],
+            sizes.repeats[key], sizes.warmup[key],
         )  # fmt: skip
     finally:
         for model in (reference, ours):
@@ -289,7 +316,7 @@ def row_training(reference, ours, sizes: Sizes, backbone: str) -> Row:
     ref_time, our_time, ratio = summary(*times)
     h, w = sizes.train_size
     if backbone == "detr":
-        name = f"training step, batch {len(labels)}, {h}x{w}, {sizes.objects_per_image} obj/img"
+        name = f"{label}training step, batch {len(labels)}, {h}x{w}, {sizes.objects_per_image} obj/img"
         notes = f"fwd + loss (aux) + bwd, dropout 0.1; DETR's trainable backbone ({trainable[0]} tensors) on both"
         return Row(name, fmt_time(ref_time), fmt_time(our_time), ratio, notes)
     name = "  same, backbone frozen on both"
@@ -843,6 +870,7 @@ def main(argv=None):
     sys.stdout.flush()
     need_models = set(rows) & {"infer1", "infer4", "train", "loss", "modes", "throughput"}
     reference, ours = build_models(args.quick) if need_models else (None, None)
+    deformable = build_models(args.quick, "deformable") if {"deformable-infer1", "deformable-train"} & set(rows) else None
 
     table = []
     for row in rows:
@@ -862,6 +890,10 @@ def main(argv=None):
             table.append(row_memory(sizes))
         elif row == "deform":
             table.extend(deform_rows(sizes))
+        elif row == "deformable-infer1":
+            table.append(row_inference(*deformable, sizes, 1, row, label="Deformable DETR: "))
+        elif row == "deformable-train":
+            table.append(row_training(*deformable, sizes, "detr", key=row, label="Deformable DETR: "))
         if row not in ("modes", "throughput"):
             print(f"  done: {table[-1].name} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     header_cells = ["row", "transformers", "hf_detr", "speed-up (ours)", "notes"]
