@@ -108,11 +108,19 @@ class HfDetrConfig(PreTrainedConfig):
     # "deformable": learned content + learned positions + 2-D reference points (Deformable DETR)
     query_type: QueryType = "detr"
     with_box_refine: bool = False  # one class and box head per decoder layer, each refining the references (Deformable DETR)
-    two_stage: bool = False  # the encoder scores and boxes every memory position; the top num_queries are the queries (Deformable DETR)
+    # the encoder scores and boxes every memory position; the top num_queries become the queries: all of them with
+    # "deformable" (Deformable DETR's two-stage), the anchors with "anchor", their content learned (DINO's mixed query selection)
+    two_stage: bool = False
+    # two-stage: score and train the proposals class-agnostically ("an object", Deformable DETR) or by class (DINO);
+    # None: the query type's own (deformable: agnostic; anchor: by class)
+    two_stage_class_agnostic: bool | None = None
     num_query_groups: int = 1  # Group DETR: groups of num_queries in training, each matched one-to-one; group 0 at inference
     num_denoising_queries: int = 0  # DN-DETR ("anchor" only): up to this many noised ground-truth queries per image in training
     denoising_label_noise: Float = 0.2  # probability that a denoising query's class is replaced by a random one
     denoising_box_noise: Float = 0.4  # centre moved by up to this x size / 2, sides scaled by up to 1 +- this
+    # DINO's contrastive denoising: each ground-truth box also gets a negative copy, noised between 1 and 2 x
+    # denoising_box_noise, that learns "no object" (the positives, noised up to 1 x, reconstruct their box)
+    denoising_contrastive: bool = False
     look_forward_twice: bool = False  # "anchor": boxes relative to the previous layer's un-detached refinement (DINO)
 
     # --- matcher (Hungarian matching; its class cost follows class_loss) --------------------------
@@ -149,6 +157,8 @@ class HfDetrConfig(PreTrainedConfig):
                 setattr(self, field.name, float(getattr(self, field.name)))
         if self.decoder_cross_attention is None:
             self.decoder_cross_attention = QUERY_TYPE_CROSS_ATTENTION.get(self.query_type, "dense")
+        if self.two_stage_class_agnostic is None:
+            self.two_stage_class_agnostic = self.query_type == "deformable"
         if self.use_timm_backbone:
             self.backbone_config = self._timm_backbone_config()
         elif self.backbone_config is None:  # a ResNet-50's last stage, or its last three for several levels
@@ -249,10 +259,12 @@ class HfDetrConfig(PreTrainedConfig):
                 f"'deformable', got {self.query_type!r}"
             )
         if self.two_stage:
-            if self.query_type != "deformable" or not self.with_box_refine:
+            refined = self.query_type == "anchor" or (self.query_type == "deformable" and self.with_box_refine)
+            if not refined:
                 raise ValueError(
-                    f"HfDetrConfig.two_stage needs query_type='deformable' and with_box_refine=True (Deformable DETR's "
-                    f"two-stage), got query_type={self.query_type!r}, with_box_refine={self.with_box_refine}"
+                    f"HfDetrConfig.two_stage needs queries whose references are refined boxes: query_type='anchor' (DINO's "
+                    f"mixed query selection) or 'deformable' with with_box_refine=True (Deformable DETR's two-stage), got "
+                    f"query_type={self.query_type!r}, with_box_refine={self.with_box_refine}"
                 )
             if self.num_query_groups != 1:
                 raise ValueError(f"HfDetrConfig.two_stage takes one query group, got num_query_groups={self.num_query_groups}")
@@ -282,6 +294,8 @@ class HfDetrConfig(PreTrainedConfig):
         if self.num_denoising_queries < 0:
             raise ValueError(f"HfDetrConfig.num_denoising_queries must be >= 0, got {self.num_denoising_queries}")
         # Denoising queries are noised ground-truth boxes fed in as anchors; refinement needs anchors too.
+        if self.denoising_contrastive and not self.num_denoising_queries:
+            raise ValueError("HfDetrConfig.denoising_contrastive needs denoising queries: num_denoising_queries > 0")
         if self.num_denoising_queries and self.query_type != "anchor":
             raise ValueError(
                 f"HfDetrConfig.num_denoising_queries needs query_type='anchor' (denoising queries are noised boxes "

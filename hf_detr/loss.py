@@ -199,12 +199,15 @@ class SetCriterion(nn.Module):
         if hasattr(self.class_loss, "reset_buffers"):
             self.class_loss.reset_buffers()
 
-    def forward(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels, queries=None, encoder_predictions=None):
+    def forward(
+        self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels, queries=None, encoder_predictions=None, class_agnostic_encoder: bool = True
+    ):
         """logits [L, B, T, C] and pred_boxes [L, B, T, 4] (cxcywh, 0..1) of every decoder layer, the
         last being the final output; labels: the batch's `Targets`, or per image {"class_labels": Long[N],
         "boxes": Float[N, 4] cxcywh 0..1}; queries: the decoder's `DecoderQueries` when T holds more than one
         group of queries (groups, denoising queries first), else None; encoder_predictions: two-stage, the
-        encoder's (logits [B, S, C], pred_boxes [B, S, 4]) of every memory position, or None.
+        encoder's (logits [B, S, C], pred_boxes [B, S, 4]) of every memory position, or None, trained against the
+        targets as one class (class_agnostic_encoder, Deformable DETR) or with their classes (DINO).
 
         -> (loss, loss_dict). loss_dict has "loss_ce", "loss_bbox", "loss_giou" for the final layer,
         the same with suffix "_{i}" for intermediate layer i, with denoising queries the same terms with
@@ -227,8 +230,15 @@ class SetCriterion(nn.Module):
             pairs = (torch.arange(num_layers).repeat_interleave(len(dn.query_idx)),) + tuple(
                 idx.repeat(num_layers) for idx in (dn.image_idx, dn.query_idx, dn.target_idx)
             )
+            negatives = None
+            if dn.negative_query_idx is not None:  # contrastive denoising: each negative learns "no object"
+                negatives = (torch.arange(num_layers).repeat_interleave(len(dn.negative_query_idx)),) + tuple(
+                    idx.repeat(num_layers) for idx in (dn.negative_image_idx, dn.negative_query_idx)
+                )
             denoising = queries.denoising_slice
-            per_layer["_dn"] = self.set_terms(logits[:, :, denoising], pred_boxes[:, :, denoising], targets, num_boxes * dn.num_groups, pairs)
+            per_layer["_dn"] = self.set_terms(
+                logits[:, :, denoising], pred_boxes[:, :, denoising], targets, num_boxes * dn.num_groups, pairs, negatives
+            )
 
         loss = sum((terms.sum(1) * self.term_weights).sum() for terms in per_layer.values())
         loss_dict = {}
@@ -236,19 +246,21 @@ class SetCriterion(nn.Module):
             keys = [name + part + ("" if i == num_layers - 1 else f"_{i}") for name in self.weights for i in range(num_layers)]
             loss_dict.update(zip(keys, terms.flatten().unbind()))
         if encoder_predictions is not None:
-            # Deformable DETR's first stage: every memory position against the targets as one class, "an object"
+            # the first stage: every memory position against the targets (Deformable DETR: as one class, "an object")
             encoder_logits, encoder_boxes = (x[None] for x in encoder_predictions)
-            terms = self.set_terms(encoder_logits, encoder_boxes, targets.relabelled(0), num_boxes)[:, 0]  # [3]
+            encoder_targets = targets.relabelled(0) if class_agnostic_encoder else targets
+            terms = self.set_terms(encoder_logits, encoder_boxes, encoder_targets, num_boxes)[:, 0]  # [3]
             loss = loss + (terms * self.term_weights).sum()
             loss_dict.update(zip((name + "_enc" for name in self.weights), terms.unbind()))
         loss_dict["cardinality_error"] = self.cardinality_error(match_logits[-1][:: num_groups], targets)
         return loss, loss_dict
 
-    def set_terms(self, logits, pred_boxes, targets: Targets, num_boxes, pairs=None) -> torch.Tensor:
+    def set_terms(self, logits, pred_boxes, targets: Targets, num_boxes, pairs=None, negatives=None) -> torch.Tensor:
         """The three loss terms of every layer, [3, L] (class, L1, GIoU), for logits [L, B, Q, C] and
         pred_boxes [L, B, Q, 4] against the targets (on the logits' device). pairs: the fixed (layer, image,
         query, target) pairs of denoising queries (only those are supervised); None: the matcher pairs them,
-        and every unmatched query is trained towards "no object"."""
+        and every unmatched query is trained towards "no object". negatives: with fixed pairs, further
+        (layer, image, query) rows, the same number in every layer, whose class target is "no object" (no box terms)."""
         num_layers, batch, num_queries = logits.shape[:3]
         device = logits.device
         # one pass over the logits serves the matcher's class cost (detached) and the class loss
@@ -275,8 +287,15 @@ class SetCriterion(nn.Module):
         matched_ious = iou[0].detach().float() if iou else None
         if fixed:  # the same number of pairs in every layer, ordered by layer
             rows = class_inputs.reshape(-1, class_inputs.shape[-1]).index_select(0, prediction_row).view(num_layers, -1, class_inputs.shape[-1])
+            classes = matched_classes.view(num_layers, -1)
             ious = matched_ious.view(num_layers, -1) if iou else None
-            loss_class = self.class_loss(rows, matched_classes.view(num_layers, -1), ious, num_boxes)
+            if negatives is not None:
+                negative_row = ((negatives[0] * batch + negatives[1]) * num_queries + negatives[2]).to(device)
+                negative_rows = class_inputs.reshape(-1, class_inputs.shape[-1]).index_select(0, negative_row)
+                rows = torch.cat((rows, negative_rows.view(num_layers, -1, rows.shape[-1])), 1)
+                classes = torch.cat((classes, classes.new_full((num_layers, negative_rows.shape[0] // num_layers), self.class_loss.num_labels)), 1)
+                ious = torch.cat((ious, ious.new_zeros(classes.shape[0], classes.shape[1] - ious.shape[1])), 1) if iou else None
+            loss_class = self.class_loss(rows, classes, ious, num_boxes)
         else:
             target_classes = torch.full((num_layers * batch * num_queries,), self.class_loss.num_labels, dtype=torch.long, device=device)
             target_classes[prediction_row] = matched_classes

@@ -163,18 +163,19 @@ class Proposals:
 class EncoderProposals(nn.Module):
     """Two-stage Deformable DETR (Zhu et al., 2021, sec. A.4): every memory position proposes a box, a fixed box
     centred on it (sides 0.05 * 2^level of the real image), refined by the stage's own box head from a
-    projected and normed copy of the memory; its own class head scores it; the `num_proposals` positions
-    whose first class scores highest (the stage is trained class-agnostic, as "object") go to the decoder.
-    Positions that are padding, or whose fixed box is within 0.01 of the border, propose nothing useful: their
-    box logits are +inf and their features zero, as in the paper's code."""
+    projected and normed copy of the memory; its own class head scores it; the `num_proposals` best-scoring
+    positions go to the decoder. class_agnostic (Deformable DETR): the stage is trained as one class, "an
+    object", and scored by its first class; else (DINO) trained with the targets' classes and scored by the
+    best class. Positions that are padding, or whose fixed box is within 0.01 of the border, propose nothing
+    useful: their box logits are +inf and their features zero, as in the paper's code."""
 
-    def __init__(self, d_model: int, num_classes: int, num_proposals: int):
+    def __init__(self, d_model: int, num_classes: int, num_proposals: int, class_agnostic: bool = True):
         super().__init__()
         self.output_proj = nn.Linear(d_model, d_model)
         self.output_norm = nn.LayerNorm(d_model)
         self.class_head = nn.Linear(d_model, num_classes)
         self.box_head = HfDetrBoxHead(d_model)
-        self.num_proposals = num_proposals
+        self.num_proposals, self.class_agnostic = num_proposals, class_agnostic
 
     def fixed_boxes(self, memory: EncoderMemory) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (box logits [B, S, 4] in inverse-sigmoid space, valid [B, S] bool)."""
@@ -199,7 +200,8 @@ class EncoderProposals(nn.Module):
         coordinates = self.box_head.deltas(features) + box_logits  # [B, S, 4], inverse-sigmoid space
         if coordinates.shape[1] < self.num_proposals:
             raise ValueError(f"two-stage: {coordinates.shape[1]} memory positions for {self.num_proposals} proposals (num_queries)")
-        selected_index = logits[..., 0].topk(self.num_proposals, dim=1).indices  # [B, K]
+        scores = logits[..., 0] if self.class_agnostic else logits.max(-1).values
+        selected_index = scores.topk(self.num_proposals, dim=1).indices  # [B, K]
         selected = coordinates.gather(1, selected_index[..., None].expand(-1, -1, 4))
         return Proposals(logits, coordinates.sigmoid(), selected.detach().sigmoid(), selected_index)
 

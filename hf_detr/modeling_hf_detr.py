@@ -388,7 +388,9 @@ class HfDetrModel(HfDetrPreTrainedModel):
         self.feature_levels = HfDetrFeatureLevels(config, self.backbone.channels)
         self.encoder = HfDetrEncoder(config)
         num_classes = config.num_labels + (0 if CLASS_LOSSES[config.class_loss].sigmoid else 1)
-        self.proposals = EncoderProposals(config.d_model, num_classes, config.num_queries) if config.two_stage else None
+        self.proposals = None
+        if config.two_stage:
+            self.proposals = EncoderProposals(config.d_model, num_classes, config.num_queries, config.two_stage_class_agnostic)
         self.queries = QUERY_BUILDERS[config.query_type].from_config(config)
         self.decoder = HfDetrDecoder(config)
         self.heads = HfDetrHeads(
@@ -499,7 +501,9 @@ class HfDetrForObjectDetection(HfDetrPreTrainedModel):
         loss = loss_dict = None
         if targets is not None:
             encoder = None if outputs.encoder_logits is None else (outputs.encoder_logits, outputs.encoder_pred_boxes)
-            loss, loss_dict = self.criterion(all_logits, all_boxes, targets, queries, encoder)
+            loss, loss_dict = self.criterion(
+                all_logits, all_boxes, targets, queries, encoder, class_agnostic_encoder=self.config.two_stage_class_agnostic
+            )
         predicted = queries.prediction_slice
         all_logits, all_boxes = all_logits[:, :, predicted], all_boxes[:, :, predicted]
         auxiliary_outputs = None

@@ -38,12 +38,15 @@ from .targets import Targets
 @dataclass
 class DenoisingPairs:
     """Which denoising query reconstructs which target (DN-DETR): flat indices [M] of one layer's
-    [B, T] queries, one entry per (denoising group, target)."""
+    [B, T] queries, one entry per (denoising group, target). With contrastive denoising (DINO), the
+    negatives too: queries [M] of the same images, each to learn "no object"."""
 
     image_idx: torch.Tensor
     query_idx: torch.Tensor
     target_idx: torch.Tensor
-    num_groups: int  # denoising groups; each holds one noised copy of every target of the batch
+    num_groups: int  # denoising groups; each holds one noised copy (two: contrastive) of every target of the batch
+    negative_image_idx: torch.Tensor | None = None
+    negative_query_idx: torch.Tensor | None = None
 
 
 @dataclass
@@ -217,16 +220,24 @@ class AnchorQueries(QueryBuilder):
     previous layer's refined anchors before the detach, so a layer's box loss also trains the layer before.
 
     Denoising (DN-DETR, Li et al., 2022), in training with targets and `denoising`: noised copies of the
-    ground truth go in as extra queries in front (see `Denoising`)."""
+    ground truth go in as extra queries in front (see `Denoising`).
+
+    two_stage (DINO's mixed query selection, Zhang et al., 2022): the anchors are the encoder's top-scoring
+    proposal boxes, detached, instead of learned ones, while the content queries are learned and the same for
+    every image (static): positions from the image, content from training."""
 
     reference_size = 4
 
     def __init__(
         self, num_queries: int, d_model: int, num_groups: int = 1, look_forward_twice: bool = False, denoising=None,
-        spatial_query: bool = True,
+        spatial_query: bool = True, two_stage: bool = False,
     ):  # fmt: skip
         super().__init__(num_queries, num_groups)
-        self.anchor_embeddings = nn.Embedding(num_groups * num_queries, 4)
+        self.two_stage = two_stage
+        if two_stage:
+            self.content_embeddings = nn.Embedding(num_queries, d_model)
+        else:
+            self.anchor_embeddings = nn.Embedding(num_groups * num_queries, 4)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.spatial_query = spatial_query
         self.query_scale = MLP(d_model, d_model, d_model, 2) if spatial_query else None
@@ -238,30 +249,36 @@ class AnchorQueries(QueryBuilder):
         denoising = None
         if config.num_denoising_queries:
             denoising = Denoising(
-                config.num_labels, config.d_model, config.num_denoising_queries,
-                label_noise=config.denoising_label_noise, box_noise=config.denoising_box_noise,
+                config.num_labels, config.d_model, config.num_denoising_queries, label_noise=config.denoising_label_noise,
+                box_noise=config.denoising_box_noise, contrastive=config.denoising_contrastive,
             )  # fmt: skip
         return cls(
             config.num_queries, config.d_model, config.num_query_groups, config.look_forward_twice, denoising,
-            spatial_query=config.decoder_cross_attention == "spatial",
+            spatial_query=config.decoder_cross_attention == "spatial", two_stage=config.two_stage,
         )  # fmt: skip
 
     def forward(self, batch_size: int, memory=None, proposals=None, targets: Targets | None = None) -> DecoderQueries:
         groups = self.groups_in_pass()
-        anchors = self.anchor_embeddings.weight[: groups * self.num_queries].unsqueeze(0).expand(batch_size, -1, -1)
-        content = anchors.new_zeros(batch_size, anchors.shape[1], self.d_model)
+        if self.two_stage:
+            if proposals is None:
+                raise ValueError("two-stage (mixed query selection) anchors come from the encoder's proposals; none were given")
+            reference = proposals.selected_boxes  # [B, Q, 4], detached
+            content = self.content_embeddings.weight.unsqueeze(0).expand(batch_size, -1, -1)
+        else:
+            reference = self.anchor_embeddings.weight[: groups * self.num_queries].sigmoid().unsqueeze(0).expand(batch_size, -1, -1)
+            content = reference.new_zeros(batch_size, reference.shape[1], self.d_model)
         pairs = None
         if self.denoising is not None and self.training and targets is not None:
-            dn_content, dn_anchors, pairs = self.denoising(targets, anchors.device)
+            dn_content, dn_anchors, pairs = self.denoising(targets, reference.device)
             if pairs is not None:
-                content, anchors = torch.cat((dn_content, content), 1), torch.cat((dn_anchors, anchors), 1)
+                content, reference = torch.cat((dn_content, content), 1), torch.cat((dn_anchors.sigmoid(), reference), 1)
         num_denoising = content.shape[1] - groups * self.num_queries
         group_size = num_denoising // pairs.num_groups if pairs is not None else 0
         return DecoderQueries(
             content=content,
-            reference=anchors.sigmoid(),
+            reference=reference,
             self_attention_mask=group_attention_mask(
-                groups, self.num_queries, pairs.num_groups if pairs is not None else 0, group_size, anchors.device
+                groups, self.num_queries, pairs.num_groups if pairs is not None else 0, group_size, reference.device
             ),
             num_queries=self.num_queries,
             num_groups=groups,
@@ -352,21 +369,27 @@ class DeformableQueries(QueryBuilder):
 
 
 class Denoising(nn.Module):
-    """DN-DETR's denoising queries (Li et al., 2022), for builders with anchor boxes.
+    """DN-DETR's denoising queries (Li et al., 2022), for builders with anchor boxes, and DINO's contrastive ones.
 
-    In training, every target of the batch is copied into `num_groups = max(1, num_queries //
-    max_targets)` groups (each group is `max_targets` queries per image; images with fewer targets pad
-    their group with unsupervised queries). Each copy's label is replaced by a random class with
+    In training, every target of the batch is copied into `num_groups = max(1, num_queries // group_size)`
+    groups (a group is `max_targets` queries per image, twice that with `contrastive`; images with fewer
+    targets pad their group with unsupervised queries). Each copy's label is replaced by a random class with
     probability `label_noise` and embedded (`label_embeddings`) as its content query; its box is noised
     (centre moved by up to box_noise * size / 2, each side scaled by a factor in [1 - box_noise, 1 +
     box_noise]) and becomes its anchor. The loss asks each copy to reconstruct its target, without
-    matching; the attention mask keeps the matching queries from seeing any of it."""
+    matching; the attention mask keeps the matching queries from seeing any of it.
 
-    def __init__(self, num_labels: int, d_model: int, num_queries: int, label_noise: float = 0.2, box_noise: float = 0.4):
+    contrastive (DINO, Zhang et al., 2022): each group also holds a negative copy of every target, noised by
+    between 1 and 2 x those amounts (centre and sides, in a random direction), which the loss asks for "no
+    object": the decoder learns to reject an anchor near an object but not on it."""
+
+    def __init__(
+        self, num_labels: int, d_model: int, num_queries: int, label_noise: float = 0.2, box_noise: float = 0.4, contrastive: bool = False
+    ):  # fmt: skip
         super().__init__()
         self.label_embeddings = nn.Embedding(num_labels, d_model)
         self.num_labels, self.num_queries = num_labels, num_queries
-        self.label_noise, self.box_noise = label_noise, box_noise
+        self.label_noise, self.box_noise, self.contrastive = label_noise, box_noise, contrastive
 
     def forward(self, targets: Targets, device) -> tuple:
         """-> (content [B, N, D], anchors [B, N, 4] inverse-sigmoid, DenoisingPairs), or (None, None, None)
@@ -375,26 +398,38 @@ class Denoising(nn.Module):
         max_targets = max(sizes, default=0)
         if max_targets == 0:
             return None, None, None
-        num_groups = max(1, self.num_queries // max_targets)
-        batch = targets.batch_size
-        classes = targets.class_labels.to(device).repeat(num_groups)  # [G * N]
-        boxes = targets.boxes.to(device, torch.float32).repeat(num_groups, 1)
+        copies = 2 if self.contrastive else 1  # positive (and negative) copies of each target per group
+        group_size = copies * max_targets
+        num_groups = max(1, self.num_queries // group_size)
+        batch, count = targets.batch_size, copies * num_groups
+        classes = targets.class_labels.to(device).repeat(count)  # [copies * G * N]: positives of every group, then negatives
+        boxes = targets.boxes.to(device, torch.float32).repeat(count, 1)
         flip = torch.rand(classes.shape, device=device) < self.label_noise
         classes = torch.where(flip, torch.randint_like(classes, self.num_labels), classes)
         spread = torch.cat((boxes[:, 2:] / 2, boxes[:, 2:]), -1) * self.box_noise
-        boxes = (boxes + (torch.rand_like(boxes) * 2 - 1) * spread).clamp(0.0, 1.0)
-        # where each copy goes: image b, query g * max_targets + j for its j-th target in group g
-        image_idx = targets.image_index.repeat(num_groups)
-        target_idx = torch.cat([torch.arange(n) for n in sizes]).repeat(num_groups)
-        group_idx = torch.arange(num_groups).repeat_interleave(sum(sizes))
-        query_idx = group_idx * max_targets + target_idx
+        noise = torch.rand_like(boxes) * 2 - 1  # positives: up to 1 x the spread
+        if self.contrastive:  # negatives: between 1 and 2 x, in a random direction
+            negative = torch.arange(boxes.shape[0], device=device) >= boxes.shape[0] // 2
+            far = (torch.rand_like(boxes) + 1) * (torch.randint_like(boxes, 2) * 2 - 1)
+            noise = torch.where(negative[:, None], far, noise)
+        boxes = (boxes + noise * spread).clamp(0.0, 1.0)
+        # where each copy goes: image b, query g * group_size + c * max_targets + j for its j-th target, copy c of group g
+        image_idx = targets.image_index.repeat(count)
+        target_idx = torch.cat([torch.arange(n) for n in sizes]).repeat(count)
+        group_idx = torch.arange(num_groups).repeat(copies).repeat_interleave(sum(sizes))
+        copy_idx = torch.arange(copies).repeat_interleave(num_groups * sum(sizes))
+        query_idx = group_idx * group_size + copy_idx * max_targets + target_idx
         d_model = self.label_embeddings.embedding_dim
-        content = self.label_embeddings.weight.new_zeros(batch, num_groups * max_targets, d_model)
-        anchors = torch.zeros(batch, num_groups * max_targets, 4, device=device, dtype=content.dtype)  # padding: centred boxes
+        content = self.label_embeddings.weight.new_zeros(batch, num_groups * group_size, d_model)
+        anchors = torch.zeros(batch, num_groups * group_size, 4, device=device, dtype=content.dtype)  # padding: centred boxes
         where = (image_idx.to(device), query_idx.to(device))
         content = content.index_put(where, self.label_embeddings(classes))
         anchors = anchors.index_put(where, inverse_sigmoid(boxes).to(content.dtype))
-        return content, anchors, DenoisingPairs(image_idx, query_idx, target_idx, num_groups)
+        positive = copy_idx == 0
+        pairs = DenoisingPairs(image_idx[positive], query_idx[positive], target_idx[positive], num_groups)
+        if self.contrastive:
+            pairs.negative_image_idx, pairs.negative_query_idx = image_idx[~positive], query_idx[~positive]
+        return content, anchors, pairs
 
 
 QUERY_BUILDERS = {"detr": DetrQueries, "conditional": ConditionalQueries, "anchor": AnchorQueries, "deformable": DeformableQueries}

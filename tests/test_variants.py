@@ -4,6 +4,7 @@ trains; a covering subset (every pair of values of any two of those dimensions i
 loads, serves a pipeline and loads as remote code (ONNX: tests/test_export.py); and the invariants that make
 groups and denoising queries what the papers say they are."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -31,20 +32,25 @@ DIMENSIONS = {
     "query_type": typing.get_args(QueryType),
     "class_loss": typing.get_args(ClassLoss),
     "num_query_groups": (1, 3),
-    "num_denoising_queries": (0, 12),
+    "denoising": ("none", "dn", "cdn"),
     "decoder": ("plain", "box_refine", "two_stage"),
 }
 DECODER = {"plain": {}, "box_refine": dict(with_box_refine=True), "two_stage": dict(with_box_refine=True, two_stage=True)}
+DENOISING = {"none": {}, "dn": dict(num_denoising_queries=12), "cdn": dict(num_denoising_queries=12, denoising_contrastive=True)}
 
 
-def variant_config(levels=1, decoder="plain", **kwargs):
+def variant_config(levels=1, decoder="plain", denoising="none", **kwargs):
     """levels 1: the tiny backbone's stride-16 stage (24 positions for the tests' 64 x 96 images: enough for 10
     two-stage proposals); 3: its strides 8, 16, 32 and a stride-64 level."""
     stages = ["stage2", "stage3", "stage4"] if levels > 1 else ["stage3"]
     kwargs.update(backbone_config=tiny_backbone_config(out_features=stages), num_feature_levels=levels + (levels > 1))
     if levels > 1:
         kwargs.update(encoder_n_points=2, decoder_n_points=2)
-    return tiny_config(**kwargs, **DECODER[decoder])
+    if decoder == "two_stage" and kwargs.get("query_type") == "anchor":  # DINO's mixed query selection
+        kwargs.update(two_stage=True)
+    else:
+        kwargs.update(DECODER[decoder])
+    return tiny_config(**kwargs, **DENOISING[denoising])
 
 
 # The dimensions that every other one combines with freely (tested below); the rest are checked by the config.
@@ -91,7 +97,7 @@ def variant_id(kwargs: dict) -> str:
     return "-".join(str(value) for value in kwargs.values())
 
 
-@pytest.mark.parametrize("constrained", [dict(query_type="detr"), dict(query_type="anchor", num_denoising_queries=12, decoder="box_refine"),
+@pytest.mark.parametrize("constrained", [dict(query_type="detr"), dict(query_type="anchor", denoising="cdn", decoder="box_refine"),
                                          dict(query_type="deformable", decoder="two_stage")], ids=["detr", "anchor", "two_stage"])
 def test_the_free_dimensions_combine_with_anything(constrained):
     for free in itertools.product(*(DIMENSIONS[name] for name in FREE)):
@@ -105,14 +111,15 @@ def test_the_dicts_are_the_config_literals_and_the_combinations_what_they_allow(
     assert set(typing.get_args(EncoderAttention)) == set(hf_detr.ENCODER_ATTENTION)
     assert set(typing.get_args(CrossAttention)) == set(hf_detr.CROSS_ATTENTION)
     # "spatial" cross-attention needs spatial queries (conditional, anchor), "deformable" reference points (all
-    # but detr); denoising needs anchor queries; box refinement refined references (anchor, deformable); two-stage
-    # deformable queries, with box refinement, in one group
+    # but detr); denoising (plain or contrastive) needs anchor queries; box refinement refined references (anchor,
+    # deformable); two-stage anchor queries (DINO) or deformable ones (with box refinement), in one group
     pairs = {"dense": ("detr", "conditional", "anchor", "deformable"), "spatial": ("conditional", "anchor"), "deformable": ("conditional", "anchor", "deformable")}
     per_side_and_loss = 0
     for query in (query for queries in pairs.values() for query in queries):
-        denoising = 2 if query == "anchor" else 1
+        denoising = 3 if query == "anchor" else 1
         decoders = 2 if query in ("anchor", "deformable") else 1  # plain, box_refine
-        per_side_and_loss += 2 * denoising * decoders + (query == "deformable")  # x groups; + two-stage
+        two_stage = query in ("anchor", "deformable")
+        per_side_and_loss += denoising * (2 * decoders + two_stage)  # x groups (+ two-stage, one group)
     assert len(COMBINATIONS) == 2 * 2 * 3 * per_side_and_loss  # levels x encoder attention x class loss
     assert len(COVERING) < len(COMBINATIONS) // 10
 
@@ -137,7 +144,7 @@ def test_every_accepted_combination_builds_runs_and_trains(kwargs, inputs):
     train_out = model(**inputs, labels=labels)
     assert train_out.logits.shape == (2, 10, num_classes) and torch.isfinite(train_out.loss)
     assert [aux["logits"].shape for aux in train_out.auxiliary_outputs] == [(2, 10, num_classes)] * 2
-    suffixes = ("", "_dn") if kwargs["num_denoising_queries"] else ("",)
+    suffixes = ("", "_dn") if kwargs["denoising"] != "none" else ("",)
     expected_keys = {f"{n}{s}{i}" for n in ("loss_ce", "loss_bbox", "loss_giou") for s in suffixes for i in ("", "_0", "_1")}
     if kwargs["decoder"] == "two_stage":
         expected_keys |= {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"}
@@ -259,13 +266,15 @@ def test_no_gradient_crosses_groups(query_type, inputs):
     assert grad[:10].abs().max() == 0 and grad[20:].abs().max() == 0  # nothing of group 0 or 2
 
 
-def test_denoising_queries_leak_nothing_to_matching_queries(inputs):
+@pytest.mark.parametrize("contrastive", [False, True], ids=["dn", "cdn"])
+def test_denoising_queries_leak_nothing_to_matching_queries(inputs, contrastive):
     torch.manual_seed(0)
-    model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor", num_denoising_queries=12)).train()
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor", num_denoising_queries=12, denoising_contrastive=contrastive)).train()
     labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
     outputs = model.model(**inputs, labels=labels, output_decoder_queries=True)
     queries = outputs.decoder_queries
-    assert queries.num_denoising == queries.denoising.num_groups * 3 == 12  # 12 // max 3 targets = 4 groups
+    # 12 // (max 3 targets x 1 or 2 copies): 4 groups of 3 queries, or 2 of 3 positives and 3 negatives
+    assert queries.num_denoising == queries.denoising.num_groups * 3 * (1 + contrastive) == 12
     matching = outputs.intermediate_hidden_states[:, :, queries.num_denoising :]
     denoising = outputs.intermediate_hidden_states[:, :, : queries.num_denoising]
     label_embeddings = model.model.queries.denoising.label_embeddings.weight
@@ -292,6 +301,66 @@ def test_zero_denoising_queries_are_none(inputs):
     a, b = model(**inputs, labels=empty), plain(**inputs, labels=empty)
     assert a.loss_dict.keys() == b.loss_dict.keys() and not any("_dn" in key for key in a.loss_dict)
     torch.testing.assert_close(a.loss, b.loss)
+
+
+def test_contrastive_denoising_negatives_are_noised_further_and_learn_no_object():
+    """DINO's negatives: each target's second copy per group, noised by 1 to 2 x the positives' bounds, is asked
+    for "no object" and has no box terms; the positives reconstruct their targets as plain denoising does."""
+    labels = random_labels([3, 0, 2], 5, torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    noisy = Denoising(num_labels=5, d_model=8, num_queries=600, label_noise=0.0, box_noise=0.4, contrastive=True)
+    content, anchors, pairs = noisy(check_labels(labels, 5), "cpu")
+    assert pairs.num_groups == 100 and len(pairs.query_idx) == len(pairs.negative_query_idx) == 100 * 5
+    assert not set(zip(pairs.image_idx.tolist(), pairs.query_idx.tolist())) & set(zip(pairs.negative_image_idx.tolist(), pairs.negative_query_idx.tolist()))
+    truth = torch.cat([labels[i]["boxes"][t][None] for i, t in zip(pairs.image_idx.tolist(), pairs.target_idx.tolist())])
+    positives = anchors[pairs.image_idx, pairs.query_idx].sigmoid()
+    negatives = anchors[pairs.negative_image_idx, pairs.negative_query_idx].sigmoid()  # the same targets, same order
+    w_h = truth[:, 2:]
+    assert ((positives[:, :2] - truth[:, :2]).abs() <= 0.4 * w_h / 2 + 1e-4).all()
+    centre_shift = (negatives[:, :2] - truth[:, :2]).abs()
+    inside = (negatives[:, :2] > 1e-3) & (negatives[:, :2] < 1 - 1e-3)  # clamping at the image's edge aside
+    assert ((centre_shift >= 0.4 * w_h / 2 - 1e-4) | ~inside).all() and (centre_shift <= 0.8 * w_h / 2 + 1e-4).all()
+
+    # the loss: the negatives' class term is the "no object" loss of their logits; the box terms are the positives'
+    crit = hf_detr.SetCriterion(hf_detr.HungarianMatcher(), hf_detr.CLASS_LOSSES["focal"](5))
+    num_denoising = anchors.shape[1]
+    logits = torch.randn(2, 3, num_denoising + 4, 5, generator=torch.Generator().manual_seed(1))
+    boxes = torch.rand(2, 3, num_denoising + 4, 4, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.25
+    layout = hf_detr.queries.DecoderQueries(content=torch.zeros(3, num_denoising + 4, 8), num_queries=4, num_denoising=num_denoising, denoising=pairs)
+    _, with_negatives = crit(logits, boxes, labels, layout)
+    positives_only = hf_detr.queries.DecoderQueries(**{**layout.__dict__, "denoising": dataclasses.replace(pairs, negative_image_idx=None, negative_query_idx=None)})
+    _, without = crit(logits, boxes, labels, positives_only)
+    for key in ("loss_bbox_dn", "loss_giou_dn", "loss_bbox_dn_0"):
+        torch.testing.assert_close(with_negatives[key], without[key])
+    rows = logits[:, pairs.negative_image_idx, pairs.negative_query_idx]  # [L, M, K]: every class's target 0
+    expected_extra = crit.class_loss(rows, torch.full(rows.shape[:2], 5), None, 5.0 * pairs.num_groups)  # num_boxes x groups
+    torch.testing.assert_close(with_negatives["loss_ce_dn"] - without["loss_ce_dn"], expected_extra[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_query_selection_takes_the_encoders_best_boxes_as_anchors_and_learned_content(inputs):
+    """DINO: the anchors are the top-k proposals of the encoder (by their best class, detached), the content the
+    same learned queries for every image; the encoder stage learns with the targets' classes."""
+    torch.manual_seed(0)
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(query_type="anchor", two_stage=True, class_loss="focal", num_feature_levels=1,
+                                                         backbone_config=tiny_backbone_config(out_features=["stage3"]))).eval()  # fmt: skip
+    assert not model.config.two_stage_class_agnostic and not hasattr(model.model.queries, "anchor_embeddings")
+    captured = {}
+    model.model.proposals.register_forward_hook(lambda module, args, output: captured.update(proposals=output))
+    with torch.no_grad():
+        outputs = model.model(**inputs, output_decoder_queries=True, output_intermediate_hidden_states=True)
+    proposals, queries = captured["proposals"], outputs.decoder_queries
+    best = proposals.logits.max(-1).values.topk(10, dim=1).indices
+    assert torch.equal(proposals.selected_index, best)
+    torch.testing.assert_close(queries.reference, proposals.pred_boxes.gather(1, best[..., None].expand(-1, -1, 4)))
+    torch.testing.assert_close(queries.content[0], model.model.queries.content_embeddings.weight)
+    torch.testing.assert_close(queries.content[1], queries.content[0])
+
+    model.train()
+    labels = random_labels([3, 1], 5, torch.Generator().manual_seed(2))
+    out = model(**inputs, labels=labels)
+    out.loss.backward()
+    assert model.model.proposals.class_head.weight.grad.abs().sum() > 0  # through its own loss terms
+    assert model.model.queries.content_embeddings.weight.grad.abs().sum() > 0
 
 
 def test_denoising_queries_are_noised_ground_truth_within_bounds():
@@ -372,6 +441,9 @@ def test_look_forward_twice_changes_gradients_not_values(inputs):
     "kwargs, field",
     [
         (dict(query_type="detr", num_denoising_queries=4), "num_denoising_queries"),
+        (dict(query_type="anchor", denoising_contrastive=True), "denoising_contrastive"),
+        (dict(query_type="conditional", two_stage=True), "two_stage"),
+        (dict(query_type="anchor", two_stage=True, num_query_groups=2), "two_stage"),
         (dict(query_type="conditional", look_forward_twice=True), "look_forward_twice"),
         (dict(num_query_groups=0), "num_query_groups"),
         (dict(denoising_label_noise=1.5), "denoising_label_noise"),
