@@ -270,20 +270,18 @@ class AnchorQueries(QueryBuilder):
         pairs = None
         if self.denoising is not None and self.training and targets is not None:
             dn_content, dn_anchors, pairs = self.denoising(targets, reference.device)
-            if pairs is not None:
-                content, reference = torch.cat((dn_content, content), 1), torch.cat((dn_anchors.sigmoid(), reference), 1)
+            content, reference = torch.cat((dn_content, content), 1), torch.cat((dn_anchors.sigmoid(), reference), 1)
         num_denoising = content.shape[1] - groups * self.num_queries
-        group_size = num_denoising // pairs.num_groups if pairs is not None else 0
+        num_denoising_groups = pairs.num_groups if pairs is not None else 0
+        group_size = num_denoising // num_denoising_groups if num_denoising_groups else 0
         return DecoderQueries(
             content=content,
             reference=reference,
-            self_attention_mask=group_attention_mask(
-                groups, self.num_queries, pairs.num_groups if pairs is not None else 0, group_size, reference.device
-            ),
+            self_attention_mask=group_attention_mask(groups, self.num_queries, num_denoising_groups, group_size, reference.device),
             num_queries=self.num_queries,
             num_groups=groups,
             num_denoising=num_denoising,
-            denoising=pairs,
+            denoising=pairs if num_denoising_groups else None,
         )
 
     def layer_positions(self, layer, hidden_states, queries, reference):
@@ -392,12 +390,15 @@ class Denoising(nn.Module):
         self.label_noise, self.box_noise, self.contrastive = label_noise, box_noise, contrastive
 
     def forward(self, targets: Targets, device) -> tuple:
-        """-> (content [B, N, D], anchors [B, N, 4] inverse-sigmoid, DenoisingPairs), or (None, None, None)
-        when the batch has no targets."""
+        """-> (content [B, N, D], anchors [B, N, 4] inverse-sigmoid, DenoisingPairs). A batch without targets makes
+        N = 0 queries, cut from the label embeddings all the same: their gradient is then zero rather than none, so
+        that every process of a distributed run (DDP) computes a gradient for the same parameters."""
         sizes = targets.sizes
         max_targets = max(sizes, default=0)
         if max_targets == 0:
-            return None, None, None
+            content = self.label_embeddings.weight[:0].unsqueeze(0).expand(targets.batch_size, -1, -1)
+            empty = torch.empty(0, dtype=torch.long)
+            return content, content.new_zeros(targets.batch_size, 0, 4), DenoisingPairs(empty, empty, empty, num_groups=0)
         copies = 2 if self.contrastive else 1  # positive (and negative) copies of each target per group
         group_size = copies * max_targets
         num_groups = max(1, self.num_queries // group_size)

@@ -301,6 +301,14 @@ def test_zero_denoising_queries_are_none(inputs):
     a, b = model(**inputs, labels=empty), plain(**inputs, labels=empty)
     assert a.loss_dict.keys() == b.loss_dict.keys() and not any("_dn" in key for key in a.loss_dict)
     torch.testing.assert_close(a.loss, b.loss)
+    # every process of a distributed run computes gradients for the same parameters (or DDP waits for the
+    # missing ones: RT-DETR#672's hang): the label embeddings get a zero gradient, not none
+    a.loss.backward()
+    without_targets = {n for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model(**inputs, labels=random_labels([3, 1], 5, torch.Generator().manual_seed(2))).loss.backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == without_targets
+    assert model.model.queries.denoising.label_embeddings.weight.grad.abs().sum() > 0
 
 
 def test_contrastive_denoising_negatives_are_noised_further_and_learn_no_object():
@@ -328,6 +336,7 @@ def test_contrastive_denoising_negatives_are_noised_further_and_learn_no_object(
     boxes = torch.rand(2, 3, num_denoising + 4, 4, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.25
     layout = hf_detr.queries.DecoderQueries(content=torch.zeros(3, num_denoising + 4, 8), num_queries=4, num_denoising=num_denoising, denoising=pairs)
     _, with_negatives = crit(logits, boxes, labels, layout)
+    assert with_negatives["loss_ce_dn"] > 0
     positives_only = hf_detr.queries.DecoderQueries(**{**layout.__dict__, "denoising": dataclasses.replace(pairs, negative_image_idx=None, negative_query_idx=None)})
     _, without = crit(logits, boxes, labels, positives_only)
     for key in ("loss_bbox_dn", "loss_giou_dn", "loss_bbox_dn_0"):
