@@ -25,7 +25,11 @@ exported graphs keep height and width dynamic). Then
   one corner at a time (Gather + MatMul in ONNX). onnxscript lowers embedding_bag to an ONNX Loop
   over bags, which onnxruntime ran ~30x slower (7.1 s against 0.24 s for 20k bags of 64 rows).
 
-Timed against transformers' layer by `python scripts/benchmark.py --rows deform`.
+Measured (fp32, one thread of a 2-core VM, the encoder of an 800x1200 image: 19947 queries x 8 heads
+x 4 levels x 4 points, forward): transformers' op 1.5 s. The gather-sum alone, given the corners:
+index_select + bmm 1.2 s (64 rows materialised per bag, then a batched matrix-vector product),
+index_select + multiply + sum 0.5 s, embedding_bag 0.05 s; the whole op with embedding_bag 0.17-0.3 s.
+Layer against layer, and the op alone: `python scripts/benchmark.py --rows deform`.
 
 This file is part of the model surface (saved next to config.json): it imports only torch.
 """
