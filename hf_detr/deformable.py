@@ -25,7 +25,11 @@ exported graphs keep height and width dynamic). Then
   one corner at a time (Gather + MatMul in ONNX). onnxscript lowers embedding_bag to an ONNX Loop
   over bags, which onnxruntime ran ~30x slower (7.1 s against 0.24 s for 20k bags of 64 rows).
 
-Timed against transformers' layer by `python scripts/benchmark.py --rows deform`.
+Measured (fp32, one thread of a 2-core VM, the encoder of an 800x1200 image: 19947 queries x 8 heads
+x 4 levels x 4 points, forward): transformers' op 1.5 s. The gather-sum alone, given the corners:
+index_select + bmm 1.2 s (64 rows materialised per bag, then a batched matrix-vector product),
+index_select + multiply + sum 0.5 s, embedding_bag 0.05 s; the whole op with embedding_bag 0.17-0.3 s.
+Layer against layer, and the op alone: `python scripts/benchmark.py --rows deform`.
 
 This file is part of the model surface (saved next to config.json): it imports only torch and transformers.
 """
@@ -107,7 +111,7 @@ class _Layout:
         """(first, last) (batch, query) rows of each chunk of about CHUNK_CORNERS corners."""
         size = max(1, CHUNK_CORNERS // (4 * self.num_heads * self.num_levels * self.num_points))
         total = self.batch * self.num_queries
-        return [(first, min(first + size, total)) for first in range(0, total, size)]
+        return [(first, min(first + size, total)) for first in range(0, max(total, 1), size)]  # (0, 0) if empty
 
     def bags(self, locations: torch.Tensor, weights: torch.Tensor, first, last) -> tuple[torch.Tensor, torch.Tensor]:
         """`_corners` of the (batch, query) rows first..last: locations [n, H, L, P, 2], weights [n, H, L, P]
@@ -228,12 +232,11 @@ class _DeformableSampling(torch.autograd.Function):
                 chunk_weights = weights[first:last].detach().requires_grad_(need_weights)
                 indices, corner_weights = layout.bags(chunk_locations, chunk_weights, first, last)
             grad_chunk = grad_output[first * heads : last * heads]
-            detached = corner_weights.detach().to(table.dtype)
             if need_locations or need_weights:
                 # d output / d corner weight = value row . output gradient: embedding_bag's own gradient
                 # for its per-sample weights, one loop that never materialises the rows
                 with torch.enable_grad():
-                    leaf = detached.requires_grad_()
+                    leaf = corner_weights.detach().to(table.dtype).requires_grad_()
                     summed = F.embedding_bag(indices, table.detach(), per_sample_weights=leaf, mode="sum")
                 (grad_corners,) = torch.autograd.grad(summed, leaf, grad_chunk)
                 wanted = [t for t in (chunk_locations, chunk_weights) if t.requires_grad]
@@ -243,12 +246,13 @@ class _DeformableSampling(torch.autograd.Function):
                 if need_weights:
                     grad_weights[first:last] = next(grads)
             if need_value:  # (embedding_bag's value gradient would sort all indices: 3x slower)
+                scatter_weights = corner_weights.detach().to(table.dtype)
                 step = max(1, SCATTER_CORNERS // indices.shape[1])
                 if weighted is None:
                     weighted = grad_chunk.new_empty(min(step, indices.shape[0]), indices.shape[1], head_dim)
                 for bag in range(0, indices.shape[0], step):
                     rows = weighted[: min(step, indices.shape[0] - bag)]
-                    torch.mul(detached[bag : bag + step, :, None].detach(), grad_chunk[bag : bag + step, None], out=rows)
+                    torch.mul(scatter_weights[bag : bag + step, :, None], grad_chunk[bag : bag + step, None], out=rows)
                     # int64: index_add_ then runs as one scatter_add (2x faster than its int32 loop)
                     grad_table.index_add_(0, indices[bag : bag + step].flatten().long(), rows.flatten(0, 1))
         return (
