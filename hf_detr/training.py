@@ -69,27 +69,61 @@ def run_defaults(built_in: bool) -> dict:
     )  # fmt: skip
 
 
+# Each numeric argument's range (None: the run's default, from `run_defaults`): (low, high, low included,
+# high included); a bound of None is open-ended. Floats must also be finite (NaN passes every comparison).
+ARGUMENT_RANGES = {
+    "max_train_steps": (1, None, True, None), "num_train_epochs": (1, None, True, None),
+    "per_device_train_batch_size": (1, None, True, None), "per_device_eval_batch_size": (1, None, True, None),
+    "gradient_accumulation_steps": (1, None, True, None),
+    "learning_rate": (0, None, False, None),  # a negative rate climbs the loss; 0 trains nothing
+    "backbone_learning_rate": (0, None, True, None),  # 0 freezes the backbone
+    "weight_decay": (0, None, True, None), "adam_beta1": (0, 1, True, False), "adam_beta2": (0, 1, True, False),
+    "adam_epsilon": (0, None, False, None), "max_grad_norm": (0, None, True, None),  # 0: no clipping
+    "num_warmup_steps": (0, None, True, None), "lr_drop_fraction": (0, 1, False, True),
+    "max_train_samples": (1, None, True, None), "max_eval_samples": (1, None, True, None),
+    "synthetic_train_images": (1, None, True, None), "synthetic_val_images": (1, None, True, None),
+    "image_size": (1, None, True, None), "max_size": (1, None, True, None),
+    "dataloader_num_workers": (0, None, True, None), "seed": (0, 2**32, True, False),  # numpy's seed range
+    "eval_steps": (1, None, True, None), "checkpoints_total_limit": (1, None, True, None),
+    "max_consecutive_nonfinite_steps": (1, None, True, None), "train_val_split": (0, 1, False, False),
+}  # fmt: skip
+
+
+def _range_text(low, high, low_in, high_in) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
 def check_run_arguments(args):
-    """Refuse arguments that contradict each other or are out of range (ValueError naming them), before
-    anything is built; settle `eval_strategy` from `--eval_every_epoch` / `--eval_steps`."""
-    if args.max_consecutive_nonfinite_steps < 1:
-        raise ValueError(f"--max_consecutive_nonfinite_steps must be >= 1, got {args.max_consecutive_nonfinite_steps}")
+    """Refuse arguments that contradict each other or are out of range (ValueError naming the argument and
+    its value), before anything is built; settle `eval_strategy` from `--eval_every_epoch` / `--eval_steps`
+    and `--checkpointing_steps` to an int or "epoch"."""
+    for name, (low, high, low_in, high_in) in ARGUMENT_RANGES.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {value}")
+        below = value < low if low_in else value <= low
+        above = high is not None and (value > high if high_in else value >= high)
+        if below or above:
+            raise ValueError(f"--{name} must be {_range_text(low, high, low_in, high_in)}, got {value}")
+    if args.checkpointing_steps not in (None, "epoch"):
+        steps = str(args.checkpointing_steps).strip()
+        if not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"--checkpointing_steps must be a number of steps >= 1 or 'epoch', got {args.checkpointing_steps!r}")
+        args.checkpointing_steps = int(steps)
     if args.eval_every_epoch:
         if args.eval_strategy not in (None, "epoch"):
             raise ValueError(f"--eval_every_epoch contradicts --eval_strategy {args.eval_strategy}")
         args.eval_strategy = "epoch"
     if args.eval_steps is not None:
-        if args.eval_steps < 1:
-            raise ValueError(f"--eval_steps must be >= 1, got {args.eval_steps}")
         if args.eval_strategy not in (None, "steps"):
             raise ValueError(f"--eval_steps {args.eval_steps} needs --eval_strategy steps, got --eval_strategy {args.eval_strategy}")
         args.eval_strategy = "steps"
     if args.eval_strategy == "steps" and args.eval_steps is None:
         raise ValueError("--eval_strategy steps needs --eval_steps N")
-    if not 0 < args.train_val_split < 1:
-        raise ValueError(f"--train_val_split must be in (0, 1), got {args.train_val_split}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     return args
 
 

@@ -2,6 +2,7 @@
 training loop that scripts/train.py and scripts/benchmark_convergence.py share (end to end: tests/test_train.py)."""
 
 import argparse
+import functools
 import json
 
 import pytest
@@ -14,11 +15,16 @@ from hf_detr import data as detr_data
 from hf_detr import training
 
 
+@functools.cache
+def train_script_defaults() -> dict:
+    """scripts/train.py's arguments as it parses an empty command line."""
+    from conftest import load_train_script
+
+    return vars(load_train_script().parse_args([]))
+
+
 def run_arguments(**overrides) -> argparse.Namespace:
-    """scripts/train.py's defaults for the arguments check_run_arguments reads."""
-    values = dict(max_consecutive_nonfinite_steps=10, eval_every_epoch=False, eval_strategy=None, eval_steps=None,
-                  train_val_split=0.15, checkpoints_total_limit=None)  # fmt: skip
-    return argparse.Namespace(**{**values, **overrides})
+    return argparse.Namespace(**{**train_script_defaults(), **overrides})
 
 
 BAD_ARGUMENTS = {
@@ -29,6 +35,25 @@ BAD_ARGUMENTS = {
     "steps without eval_steps": (dict(eval_strategy="steps"), "--eval_strategy steps needs --eval_steps N"),
     "train_val_split 1": (dict(train_val_split=1.0), r"--train_val_split must be in \(0, 1\), got 1.0"),
     "checkpoints_total_limit 0": (dict(checkpoints_total_limit=0), "--checkpoints_total_limit must be >= 1, got 0"),
+    # issue 25: these ran to exit 0 (gradient ascent, or the untrained weights saved as the result) or failed
+    # after the first step (ZeroDivisionError, int('abc'))
+    "backbone_learning_rate -0.5": (dict(backbone_learning_rate=-0.5), "--backbone_learning_rate must be >= 0, got -0.5"),
+    "learning_rate 0": (dict(learning_rate=0.0), "--learning_rate must be > 0, got 0.0"),
+    "learning_rate nan": (dict(learning_rate=float("nan")), "--learning_rate must be a finite number, got nan"),
+    "num_warmup_steps -5": (dict(num_warmup_steps=-5), "--num_warmup_steps must be >= 0, got -5"),
+    "max_train_steps -3": (dict(max_train_steps=-3), "--max_train_steps must be >= 1, got -3"),
+    "num_train_epochs 0": (dict(num_train_epochs=0), "--num_train_epochs must be >= 1, got 0"),
+    "gradient_accumulation_steps 0": (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps must be >= 1, got 0"),
+    "checkpointing_steps 0": (dict(checkpointing_steps="0"), "--checkpointing_steps must be a number of steps >= 1 or 'epoch', got '0'"),
+    "checkpointing_steps abc": (dict(checkpointing_steps="abc"), "--checkpointing_steps must be a number of steps >= 1 or 'epoch', got 'abc'"),
+    "per_device_train_batch_size 0": (dict(per_device_train_batch_size=0), "--per_device_train_batch_size must be >= 1, got 0"),
+    "weight_decay -1": (dict(weight_decay=-1.0), "--weight_decay must be >= 0, got -1.0"),
+    "adam_beta2 1": (dict(adam_beta2=1.0), r"--adam_beta2 must be in \[0, 1\), got 1.0"),
+    "adam_epsilon 0": (dict(adam_epsilon=0.0), "--adam_epsilon must be > 0, got 0.0"),
+    "max_grad_norm -1": (dict(max_grad_norm=-1.0), "--max_grad_norm must be >= 0, got -1.0"),
+    "lr_drop_fraction 1.5": (dict(lr_drop_fraction=1.5), r"--lr_drop_fraction must be in \(0, 1\], got 1.5"),
+    "max_train_samples 0": (dict(max_train_samples=0), "--max_train_samples must be >= 1, got 0"),
+    "seed -1": (dict(seed=-1), r"--seed must be in \[0, 4294967296\), got -1"),
 }
 
 
@@ -43,6 +68,13 @@ def test_eval_strategy_follows_eval_every_epoch_and_eval_steps():
     assert training.check_run_arguments(run_arguments(eval_every_epoch=True)).eval_strategy == "epoch"
     assert training.check_run_arguments(run_arguments(eval_steps=3)).eval_strategy == "steps"
     assert training.check_run_arguments(run_arguments()).eval_strategy is None  # run_defaults decides
+
+
+def test_checkpointing_steps_become_an_int_or_epoch_and_every_range_names_an_argument():
+    assert training.check_run_arguments(run_arguments(checkpointing_steps="500")).checkpointing_steps == 500
+    assert training.check_run_arguments(run_arguments(checkpointing_steps="epoch")).checkpointing_steps == "epoch"
+    assert training.check_run_arguments(run_arguments(backbone_learning_rate=0.0)).backbone_learning_rate == 0.0  # frozen
+    assert set(training.ARGUMENT_RANGES) <= set(train_script_defaults())  # a typo would check nothing
 
 
 def test_train_script_turns_a_refused_argument_into_a_usage_error(capsys):
