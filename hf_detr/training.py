@@ -6,11 +6,14 @@
                         after_step=lambda step, entry, last: ...)   # checkpoints, evaluations, timing
 
 Also here: the built-in run's model and both runs' defaults (`SMALL_MODEL`, `run_defaults`), the check of
-a run's arguments (`check_run_arguments`, before anything is built) and the guard that skips an optimizer
-step whose loss or gradient is not finite (`NonFiniteStepGuard`). Checkpoints, the best model and resuming
-are in `hf_detr.checkpoints`. Training side: never imported by the model surface.
+a run's arguments (`check_run_arguments`, before anything is built), a checkpoint loaded for fine-tuning
+with its class head rows following the dataset's classes by name (`load_for_fine_tuning`) and the guard
+that skips an optimizer step whose loss or gradient is not finite (`NonFiniteStepGuard`). Checkpoints, the
+best model and resuming are in `hf_detr.checkpoints`, the output folder in `hf_detr.run_folder`. Training
+side: never imported by the model surface.
 """
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -22,9 +25,13 @@ from accelerate.logging import get_logger
 from accelerate.state import PartialState
 from accelerate.utils import is_torch_xla_available
 from tqdm.auto import tqdm
-from transformers import SchedulerType, get_scheduler
+from transformers import AutoConfig, SchedulerType, get_scheduler
 
-from .data import default_num_workers
+from .data import CategoryMap, default_num_workers
+from .heads import HfDetrHeads, start_at_prior
+from .labels import class_head_rows, label_names
+from .modeling_hf_detr import HfDetrForObjectDetection
+from .queries import Denoising
 
 logger = get_logger(__name__)
 
@@ -153,6 +160,66 @@ def build_optimizer(model, learning_rate: float, backbone_learning_rate: float, 
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("model.backbone.")]
     groups = [{"params": rest, "lr": learning_rate}, {"params": backbone, "lr": backbone_learning_rate}]
     return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps)
+
+
+def load_for_fine_tuning(model_name_or_path: str, categories: CategoryMap, *, dataset: str, ignore_mismatched_sizes: bool = True,
+                         cache_dir: str | None = None, trust_remote_code: bool = False, **kwargs) -> HfDetrForObjectDetection:  # fmt: skip
+    """`HfDetrForObjectDetection.from_pretrained(model_name_or_path, **kwargs)` (kwargs: the run's labels and
+    config) for training on `categories`, with the class head's rows following the dataset's classes by name
+    (`hf_detr.labels.class_head_rows`, the rule evaluation uses): the same classes in another order or under
+    other ids keep what the checkpoint learned of each, a class the checkpoint lacks starts afresh (a
+    checkpoint of other classes: the whole head), one the dataset lacks is dropped. Loaded by index, row i
+    would go on as the checkpoint's i-th class under the dataset's i-th name. With `ignore_mismatched_sizes`
+    off, other classes than the dataset's (order aside) are a ValueError naming both lists."""
+    saved = AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    saved_labels = {int(label): name for label, name in (saved.id2label or {}).items()}
+    rows = class_head_rows(saved_labels, categories, getattr(saved, "category_ids", None), model=model_name_or_path, dataset=dataset)
+    same_classes = None not in rows and sorted(rows) == list(range(len(saved_labels)))
+    if not same_classes and not ignore_mismatched_sizes:
+        names = label_names(saved_labels) or sorted(saved_labels)
+        raise ValueError(
+            f"--no-ignore_mismatched_sizes: {model_name_or_path}'s classes {names} are not those of {dataset} "
+            f"{categories.names} (matched by name): pass --ignore_mismatched_sizes to drop the checkpoint's other classes "
+            "and start the dataset's new ones afresh"
+        )
+    model = HfDetrForObjectDetection.from_pretrained(model_name_or_path, ignore_mismatched_sizes=ignore_mismatched_sizes, cache_dir=cache_dir, **kwargs)
+    if rows != list(range(len(saved_labels))):
+        source = None if all(row is None for row in rows) else HfDetrForObjectDetection.from_pretrained(model_name_or_path, cache_dir=cache_dir)
+        carry_class_rows(model, source, rows)
+    return model
+
+
+@torch.no_grad()
+def carry_class_rows(model, source, rows: list[int | None]):
+    """Row j of each class-indexed weight of `model` (the class heads, the denoising queries' label embeddings)
+    becomes row `rows[j]` of `source`'s (the checkpoint's, module by module); a row without one (None, or no
+    `source`) starts afresh, from the module's own init. A softmax head's last row ("no object") stays the
+    checkpoint's. The encoder proposals' head is class-agnostic (trained as "object") and left as loaded."""
+    source_modules = dict(source.named_modules()) if source is not None else {}
+    for name, module in model.named_modules():
+        if isinstance(module, HfDetrHeads):
+            prior = module.prior_probability
+            layers = [(f"{name}.class_heads.{i}", head, prior) for i, head in enumerate(module.class_heads)]
+        elif isinstance(module, Denoising):
+            layers = [(f"{name}.label_embeddings", module.label_embeddings, None)]
+        else:
+            continue
+        for layer_name, layer, prior in layers:
+            fresh = copy.deepcopy(layer)
+            fresh.reset_parameters()
+            if prior is not None:
+                start_at_prior(fresh, prior)
+            old = source_modules.get(layer_name)
+            for param_name, param in fresh.named_parameters():
+                old_param = getattr(old, param_name, None)
+                if old_param is None or old_param.shape[1:] != param.shape[1:]:
+                    continue
+                for label, row in enumerate(rows):
+                    if row is not None:
+                        param[label] = old_param[row]
+                if param.shape[0] == len(rows) + 1:  # "no object"
+                    param[-1] = old_param[-1]
+            layer.load_state_dict(fresh.state_dict())
 
 
 def lr_drop_step(max_train_steps: int, lr_drop_fraction: float) -> int:

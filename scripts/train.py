@@ -57,7 +57,8 @@ def parse_args(argv=None):
                    help='HfDetrConfig values over the run\'s defaults, e.g. "query_type=anchor,class_loss=focal,num_query_groups=4"')  # fmt: skip
     p.add_argument("--image_processor_name", default=None, help="image processor (folder or Hub id); default: the one that fits the model")
     p.add_argument("--ignore_mismatched_sizes", action=argparse.BooleanOptionalAction, default=True,
-                   help="--model_name_or_path with other labels: re-initialise the class head (default on)")  # fmt: skip
+                   help="--model_name_or_path with other classes: theirs are dropped and the dataset's new ones start afresh "
+                        "(default on; the class head rows follow the classes by name)")  # fmt: skip
     p.add_argument("--backbone_checkpoint", default="microsoft/resnet-50", help="ImageNet backbone for DETR-R50 runs")
     p.add_argument("--output_dir", default="outputs/hf-detr-synthetic")
     p.add_argument("--overwrite_output_dir", action="store_true",
@@ -165,11 +166,13 @@ def build_model(args, categories):
         elif not isinstance(loaded, hf_detr.HfDetrConfig) and type(loaded).__name__ != "HfDetrConfig":
             raise ValueError(f"--config_name {args.config_name}: a {loaded.model_type!r} config, not hf_detr's or a transformers DETR's")
         config = hf_detr.HfDetrConfig.from_dict(loaded.to_dict(), **labels, **overrides)
-    if args.model_name_or_path:  # e.g. a converted COCO DETR fine-tuned on new labels: the class head is re-initialised
+    if args.model_name_or_path:  # e.g. a converted COCO DETR fine-tuned on new labels: its class head rows follow them by name
         kwargs = dict(config=config) if config is not None else {**labels, **overrides}
-        return hf_detr.HfDetrForObjectDetection.from_pretrained(
-            args.model_name_or_path, ignore_mismatched_sizes=args.ignore_mismatched_sizes, cache_dir=args.cache_dir, **kwargs
-        )
+        return training.load_for_fine_tuning(
+            args.model_name_or_path, categories, dataset=f"{args.dataset_name or 'the synthetic data'} [{args.train_split}]",
+            ignore_mismatched_sizes=args.ignore_mismatched_sizes, cache_dir=args.cache_dir,
+            trust_remote_code=args.trust_remote_code, **kwargs,
+        )  # fmt: skip
     if config is None and args.dataset_name is None:
         config = hf_detr.HfDetrConfig(**{**training.SMALL_MODEL, **labels, **overrides})
     elif config is None:

@@ -4,6 +4,7 @@ training loop that scripts/train.py and scripts/benchmark_convergence.py share (
 import argparse
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -232,3 +233,62 @@ def test_loop_resumed_at_a_step_trains_the_rest_of_its_epoch_only(tiny_data):
         after_step=lambda step, entry, last: steps.append(step), progress=False,
     )  # fmt: skip
     assert steps == [3, 4, 5] and result.steps == 5 and result.skipped_nonfinite_steps == 1
+
+
+# --- fine-tuning from a checkpoint: the class head rows follow the dataset's classes by name ---------------
+
+CHECKPOINT_LABELS = dict(id2label={0: "cat", 1: "dog", 2: "bird"}, category_ids=[1, 3, 7])
+
+
+def labels_of(categories):
+    return dict(id2label=categories.id2label, label2id=categories.label2id, category_ids=list(categories.category_ids))
+
+
+@pytest.mark.parametrize("class_loss", ["softmax", "focal"])
+def test_fine_tuning_carries_each_classes_rows_by_name_and_starts_new_classes_afresh(tmp_path, class_loss):
+    """Class heads (every decoder layer's, with_box_refine) and the denoising queries' label embeddings: row j is
+    the checkpoint's row of the dataset's j-th class; a new class's row is the module's own init (the focal
+    prior for a sigmoid head); softmax's "no object" row stays the checkpoint's."""
+    config = tiny_config(num_labels=3, **CHECKPOINT_LABELS, class_loss=class_loss, query_type="anchor", num_denoising_queries=6,
+                         with_box_refine=True)  # fmt: skip
+    torch.manual_seed(0)
+    hf_detr.HfDetrForObjectDetection(config).save_pretrained(tmp_path / "checkpoint")
+    saved = hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path / "checkpoint")
+    categories = detr_data.CategoryMap([1, 2, 3], ["bird", "cat", "fish"])
+    model = training.load_for_fine_tuning(str(tmp_path / "checkpoint"), categories, dataset="split", **labels_of(categories))
+    assert model.config.id2label == {0: "bird", 1: "cat", 2: "fish"} and model.config.category_ids == [1, 2, 3]
+    pairs = [(new, old) for new, old in zip(model.model.heads.class_heads, saved.model.heads.class_heads)]
+    pairs.append((model.model.queries.denoising.label_embeddings, saved.model.queries.denoising.label_embeddings))
+    assert len(pairs) == 4
+    for new, old in pairs:
+        for name, param in new.named_parameters():
+            old_param = getattr(old, name)
+            assert torch.equal(param[0], old_param[2]) and torch.equal(param[1], old_param[0]), name  # bird, cat
+            if name == "weight":  # fish: afresh (an untrained focal head's biases are all its prior)
+                assert not any(torch.equal(param[2], row) for row in old_param), name
+            if param.shape[0] == 4:  # softmax: "no object"
+                assert torch.equal(param[3], old_param[3])
+            if class_loss == "focal" and name == "bias" and isinstance(new, torch.nn.Linear):
+                assert param[2].item() == pytest.approx(-math.log(0.99 / 0.01), rel=1e-5)  # the sigmoid heads' prior
+    # every other weight is the checkpoint's
+    class_rows = ("class_heads", "label_embeddings")
+    others = {n: p for n, p in model.state_dict().items() if not any(k in n for k in class_rows)}
+    assert all(torch.equal(p, saved.state_dict()[n]) for n, p in others.items())
+
+
+def test_fine_tuning_on_the_checkpoints_classes_loads_it_as_it_is_and_strict_sizes_refuse_other_classes(tmp_path):
+    config = tiny_config(num_labels=3, **CHECKPOINT_LABELS)
+    hf_detr.HfDetrForObjectDetection(config).save_pretrained(tmp_path / "checkpoint")
+    saved = hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path / "checkpoint").state_dict()
+    same = detr_data.CategoryMap.from_names(["cat", "dog", "bird"])  # other ids, same classes in the same order
+    model = training.load_for_fine_tuning(str(tmp_path / "checkpoint"), same, dataset="split", **labels_of(same))
+    assert all(torch.equal(p, saved[n]) for n, p in model.state_dict().items())
+    other = detr_data.CategoryMap.from_names(["bird", "cat", "fish"])
+    with pytest.raises(ValueError, match=(
+        r"--no-ignore_mismatched_sizes: \S+checkpoint's classes \['cat', 'dog', 'bird'\] are not those of split \['bird', 'cat', "
+        r"'fish'\] \(matched by name\): pass --ignore_mismatched_sizes"
+    )):  # fmt: skip
+        training.load_for_fine_tuning(str(tmp_path / "checkpoint"), other, dataset="split", ignore_mismatched_sizes=False, **labels_of(other))
+    reordered = detr_data.CategoryMap.from_names(["bird", "cat", "dog"])  # the same classes: strict sizes allow it
+    model = training.load_for_fine_tuning(str(tmp_path / "checkpoint"), reordered, dataset="split", ignore_mismatched_sizes=False, **labels_of(reordered))
+    assert torch.equal(model.model.heads.class_heads[0].weight[0], saved["model.heads.class_heads.0.weight"][2])
