@@ -608,15 +608,15 @@ def poisoned_collate(batch):
 detr_data.collate_fn = poisoned_collate
 results = {{}}
 for name, scenario in json.load(open(sys.argv[1])).items():
-    for source, target in scenario.get("copy", []):
-        (shutil.copytree if Path(source).is_dir() else shutil.copy)(source, target)
-    for file, values in scenario.get("edit", {{}}).items():
-        Path(file).write_text(json.dumps({{**json.loads(Path(file).read_text()), **values}}))
     POISON.clear()
     POISON.update(scenario["poison"])
     handler = logging.FileHandler(sys.argv[2] + "/" + name + ".log")
     logging.getLogger().addHandler(handler)
     try:
+        for source, target in scenario.get("copy", []):
+            (shutil.copytree if Path(source).is_dir() else shutil.copy)(source, target)
+        for file, values in scenario.get("edit", {{}}).items():
+            Path(file).write_text(json.dumps({{**json.loads(Path(file).read_text()), **values}}))
         train_script.main(scenario["argv"])
         results[name] = None
     except (Exception, SystemExit) as err:  # SystemExit: argparse refusing an argument
