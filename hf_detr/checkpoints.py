@@ -226,7 +226,10 @@ class BestModel:
         elif held[0] is not None:
             self.best, self.step = held
             if recorded[1] is not None:
-                logger.warning(f"{self.folder} holds the model of step {held[1]}, not the best of {checkpoint} (step {recorded[1]}): it stays the best so far")
+                logger.warning(
+                    f"{self.folder} holds the model of step {held[1]}, not the best of {checkpoint} (step {recorded[1]}): it "
+                    "stays the best so far"
+                )
         elif recorded[1] is not None:
             logger.warning(
                 f"the best model of {checkpoint} (step {recorded[1]}, {self.metric} {recorded[0]:.4f}) is not in {self.folder} (a "
@@ -354,7 +357,9 @@ def check_resume_model(checkpoint: Path, config):
         logger.warning(f"{checkpoint} has no config.json: cannot check that this run's model is the one it holds")
         return
     saved, now = _flat(type(config).from_pretrained(checkpoint).to_dict()), _flat(config.to_dict())
-    differ = [f"{key} (checkpoint {saved.get(key)!r}, now {now.get(key)!r})" for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+    differ = [
+        f"{key} (checkpoint {saved.get(key)!r}, now {now.get(key)!r})" for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)
+    ]  # fmt: skip
     if differ:
         raise ValueError(
             f"--resume_from_checkpoint {checkpoint}: this run builds another model than the one it holds: {', '.join(differ)}. "

@@ -127,7 +127,9 @@ def class_head_rows(
             return rows
         dropped = [name for name, category in zip(names, matched) if category is None]
         new = [name for name, row in zip(categories.names, rows) if row is None]
-        moved = [f"{name!r}: label {row} there, {label} here" for label, (name, row) in enumerate(zip(categories.names, rows)) if row not in (None, label)]
+        moved = [
+            f"{name!r}: label {row} there, {label} here" for label, (name, row) in enumerate(zip(categories.names, rows)) if row not in (None, label)
+        ]  # fmt: skip
         if dropped:
             logger.warning(f"{model}'s classes {dropped} are not classes of {dataset}: their class head rows are dropped")
         if new:

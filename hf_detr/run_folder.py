@@ -65,7 +65,9 @@ def lock_output_dir(output_dir: Path) -> FileLock:
         lock.acquire(timeout=0)
     except Timeout:
         holder = checkpoints.read_json(output_dir / HOLDER_FILE) or {}
-        who = f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}: {holder.get('command')}" if holder else "holder unknown"
+        who = "holder unknown"
+        if holder:
+            who = f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}: {holder.get('command')}"
         raise RuntimeError(
             f"--output_dir {output_dir} is in use by another run ({who}; lock file {output_dir / LOCK_FILE}): one run "
             "per output_dir at a time. Wait for it to end, or choose another --output_dir."

@@ -182,7 +182,9 @@ def load_for_fine_tuning(model_name_or_path: str, categories: CategoryMap, *, da
             f"{categories.names} (matched by name): pass --ignore_mismatched_sizes to drop the checkpoint's other classes "
             "and start the dataset's new ones afresh"
         )
-    model = HfDetrForObjectDetection.from_pretrained(model_name_or_path, ignore_mismatched_sizes=ignore_mismatched_sizes, cache_dir=cache_dir, **kwargs)
+    model = HfDetrForObjectDetection.from_pretrained(
+        model_name_or_path, ignore_mismatched_sizes=ignore_mismatched_sizes, cache_dir=cache_dir, **kwargs
+    )
     if rows != list(range(len(saved_labels))):
         source = None if all(row is None for row in rows) else HfDetrForObjectDetection.from_pretrained(model_name_or_path, cache_dir=cache_dir)
         carry_class_rows(model, source, rows)
