@@ -6,11 +6,14 @@
                         after_step=lambda step, entry, last: ...)   # checkpoints, evaluations, timing
 
 Also here: the built-in run's model and both runs' defaults (`SMALL_MODEL`, `run_defaults`), the check of
-a run's arguments (`check_run_arguments`, before anything is built) and the guard that skips an optimizer
-step whose loss or gradient is not finite (`NonFiniteStepGuard`). Checkpoints, the best model and resuming
-are in `hf_detr.checkpoints`. Training side: never imported by the model surface.
+a run's arguments (`check_run_arguments`, before anything is built), a checkpoint loaded for fine-tuning
+with its class head rows following the dataset's classes by name (`load_for_fine_tuning`) and the guard
+that skips an optimizer step whose loss or gradient is not finite (`NonFiniteStepGuard`). Checkpoints, the
+best model and resuming are in `hf_detr.checkpoints`, the output folder in `hf_detr.run_folder`. Training
+side: never imported by the model surface.
 """
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -22,9 +25,13 @@ from accelerate.logging import get_logger
 from accelerate.state import PartialState
 from accelerate.utils import is_torch_xla_available
 from tqdm.auto import tqdm
-from transformers import SchedulerType, get_scheduler
+from transformers import AutoConfig, SchedulerType, get_scheduler
 
-from .data import default_num_workers
+from .data import CategoryMap, default_num_workers
+from .heads import HfDetrHeads, start_at_prior
+from .labels import class_head_rows, label_names
+from .modeling_hf_detr import HfDetrForObjectDetection
+from .queries import Denoising
 
 logger = get_logger(__name__)
 
@@ -69,27 +76,61 @@ def run_defaults(built_in: bool) -> dict:
     )  # fmt: skip
 
 
+# Each numeric argument's range (None: the run's default, from `run_defaults`): (low, high, low included,
+# high included); a bound of None is open-ended. Floats must also be finite (NaN passes every comparison).
+ARGUMENT_RANGES = {
+    "max_train_steps": (1, None, True, None), "num_train_epochs": (1, None, True, None),
+    "per_device_train_batch_size": (1, None, True, None), "per_device_eval_batch_size": (1, None, True, None),
+    "gradient_accumulation_steps": (1, None, True, None),
+    "learning_rate": (0, None, False, None),  # a negative rate climbs the loss; 0 trains nothing
+    "backbone_learning_rate": (0, None, True, None),  # 0 freezes the backbone
+    "weight_decay": (0, None, True, None), "adam_beta1": (0, 1, True, False), "adam_beta2": (0, 1, True, False),
+    "adam_epsilon": (0, None, False, None), "max_grad_norm": (0, None, True, None),  # 0: no clipping
+    "num_warmup_steps": (0, None, True, None), "lr_drop_fraction": (0, 1, False, True),
+    "max_train_samples": (1, None, True, None), "max_eval_samples": (1, None, True, None),
+    "synthetic_train_images": (1, None, True, None), "synthetic_val_images": (1, None, True, None),
+    "image_size": (1, None, True, None), "max_size": (1, None, True, None),
+    "dataloader_num_workers": (0, None, True, None), "seed": (0, 2**32, True, False),  # numpy's seed range
+    "eval_steps": (1, None, True, None), "checkpoints_total_limit": (1, None, True, None),
+    "max_consecutive_nonfinite_steps": (1, None, True, None), "train_val_split": (0, 1, False, False),
+}  # fmt: skip
+
+
+def _range_text(low, high, low_in, high_in) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
 def check_run_arguments(args):
-    """Refuse arguments that contradict each other or are out of range (ValueError naming them), before
-    anything is built; settle `eval_strategy` from `--eval_every_epoch` / `--eval_steps`."""
-    if args.max_consecutive_nonfinite_steps < 1:
-        raise ValueError(f"--max_consecutive_nonfinite_steps must be >= 1, got {args.max_consecutive_nonfinite_steps}")
+    """Refuse arguments that contradict each other or are out of range (ValueError naming the argument and
+    its value), before anything is built; settle `eval_strategy` from `--eval_every_epoch` / `--eval_steps`
+    and `--checkpointing_steps` to an int or "epoch"."""
+    for name, (low, high, low_in, high_in) in ARGUMENT_RANGES.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {value}")
+        below = value < low if low_in else value <= low
+        above = high is not None and (value > high if high_in else value >= high)
+        if below or above:
+            raise ValueError(f"--{name} must be {_range_text(low, high, low_in, high_in)}, got {value}")
+    if args.checkpointing_steps not in (None, "epoch"):
+        steps = str(args.checkpointing_steps).strip()
+        if not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"--checkpointing_steps must be a number of steps >= 1 or 'epoch', got {args.checkpointing_steps!r}")
+        args.checkpointing_steps = int(steps)
     if args.eval_every_epoch:
         if args.eval_strategy not in (None, "epoch"):
             raise ValueError(f"--eval_every_epoch contradicts --eval_strategy {args.eval_strategy}")
         args.eval_strategy = "epoch"
     if args.eval_steps is not None:
-        if args.eval_steps < 1:
-            raise ValueError(f"--eval_steps must be >= 1, got {args.eval_steps}")
         if args.eval_strategy not in (None, "steps"):
             raise ValueError(f"--eval_steps {args.eval_steps} needs --eval_strategy steps, got --eval_strategy {args.eval_strategy}")
         args.eval_strategy = "steps"
     if args.eval_strategy == "steps" and args.eval_steps is None:
         raise ValueError("--eval_strategy steps needs --eval_steps N")
-    if not 0 < args.train_val_split < 1:
-        raise ValueError(f"--train_val_split must be in (0, 1), got {args.train_val_split}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     return args
 
 
@@ -130,6 +171,68 @@ def build_optimizer(model, learning_rate: float, backbone_learning_rate: float, 
     rates = {"transformer": learning_rate, "backbone": backbone_learning_rate, "sampling": learning_rate * SAMPLING_LEARNING_RATE_FACTOR}
     param_groups = [{"params": groups[kind], "lr": rates[kind]} for kind in groups if groups[kind] or kind != "sampling"]
     return torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps)
+
+
+def load_for_fine_tuning(model_name_or_path: str, categories: CategoryMap, *, dataset: str, ignore_mismatched_sizes: bool = True,
+                         cache_dir: str | None = None, trust_remote_code: bool = False, **kwargs) -> HfDetrForObjectDetection:  # fmt: skip
+    """`HfDetrForObjectDetection.from_pretrained(model_name_or_path, **kwargs)` (kwargs: the run's labels and
+    config) for training on `categories`, with the class head's rows following the dataset's classes by name
+    (`hf_detr.labels.class_head_rows`, the rule evaluation uses): the same classes in another order or under
+    other ids keep what the checkpoint learned of each, a class the checkpoint lacks starts afresh (a
+    checkpoint of other classes: the whole head), one the dataset lacks is dropped. Loaded by index, row i
+    would go on as the checkpoint's i-th class under the dataset's i-th name. With `ignore_mismatched_sizes`
+    off, other classes than the dataset's (order aside) are a ValueError naming both lists."""
+    saved = AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    saved_labels = {int(label): name for label, name in (saved.id2label or {}).items()}
+    rows = class_head_rows(saved_labels, categories, getattr(saved, "category_ids", None), model=model_name_or_path, dataset=dataset)
+    same_classes = None not in rows and sorted(rows) == list(range(len(saved_labels)))
+    if not same_classes and not ignore_mismatched_sizes:
+        names = label_names(saved_labels) or sorted(saved_labels)
+        raise ValueError(
+            f"--no-ignore_mismatched_sizes: {model_name_or_path}'s classes {names} are not those of {dataset} "
+            f"{categories.names} (matched by name): pass --ignore_mismatched_sizes to drop the checkpoint's other classes "
+            "and start the dataset's new ones afresh"
+        )
+    model = HfDetrForObjectDetection.from_pretrained(
+        model_name_or_path, ignore_mismatched_sizes=ignore_mismatched_sizes, cache_dir=cache_dir, **kwargs
+    )
+    if rows != list(range(len(saved_labels))):
+        source = None if all(row is None for row in rows) else HfDetrForObjectDetection.from_pretrained(model_name_or_path, cache_dir=cache_dir)
+        carry_class_rows(model, source, rows)
+    return model
+
+
+@torch.no_grad()
+def carry_class_rows(model, source, rows: list[int | None]):
+    """Row j of each class-indexed weight of `model` (the class heads, the denoising queries' label embeddings)
+    becomes row `rows[j]` of `source`'s (the checkpoint's, module by module); a row without one (None, or no
+    `source`) starts afresh, from the module's own init. A softmax head's last row ("no object") stays the
+    checkpoint's. The encoder proposals' head is class-agnostic (trained as "object") and left as loaded."""
+    source_modules = dict(source.named_modules()) if source is not None else {}
+    for name, module in model.named_modules():
+        if isinstance(module, HfDetrHeads):
+            prior = module.prior_probability
+            layers = [(f"{name}.class_heads.{i}", head, prior) for i, head in enumerate(module.class_heads)]
+        elif isinstance(module, Denoising):
+            layers = [(f"{name}.label_embeddings", module.label_embeddings, None)]
+        else:
+            continue
+        for layer_name, layer, prior in layers:
+            fresh = copy.deepcopy(layer)
+            fresh.reset_parameters()
+            if prior is not None:
+                start_at_prior(fresh, prior)
+            old = source_modules.get(layer_name)
+            for param_name, param in fresh.named_parameters():
+                old_param = getattr(old, param_name, None)
+                if old_param is None or old_param.shape[1:] != param.shape[1:]:
+                    continue
+                for label, row in enumerate(rows):
+                    if row is not None:
+                        param[label] = old_param[row]
+                if param.shape[0] == len(rows) + 1:  # "no object"
+                    param[-1] = old_param[-1]
+            layer.load_state_dict(fresh.state_dict())
 
 
 def lr_drop_step(max_train_steps: int, lr_drop_fraction: float) -> int:

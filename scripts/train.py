@@ -16,13 +16,13 @@ import math
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from transformers import AutoConfig, AutoImageProcessor
 
 import hf_detr
-from hf_detr import checkpoints, training
+from hf_detr import checkpoints, run_folder, training
 from hf_detr import data as detr_data
 from hf_detr.convert import CONFIG_CONVERTERS, config_from_transformers_config
 from hf_detr.evaluation import COCO_METRIC_NAMES, evaluate_model
@@ -57,9 +57,12 @@ def parse_args(argv=None):
                    help='HfDetrConfig values over the run\'s defaults, e.g. "query_type=anchor,class_loss=focal,num_query_groups=4"')  # fmt: skip
     p.add_argument("--image_processor_name", default=None, help="image processor (folder or Hub id); default: the one that fits the model")
     p.add_argument("--ignore_mismatched_sizes", action=argparse.BooleanOptionalAction, default=True,
-                   help="--model_name_or_path with other labels: re-initialise the class head (default on)")  # fmt: skip
+                   help="--model_name_or_path with other classes: theirs are dropped and the dataset's new ones start afresh "
+                        "(default on; the class head rows follow the classes by name)")  # fmt: skip
     p.add_argument("--backbone_checkpoint", default="microsoft/resnet-50", help="ImageNet backbone for DETR-R50 runs")
     p.add_argument("--output_dir", default="outputs/hf-detr-synthetic")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="train in an --output_dir that holds another run's results, replacing them (its step checkpoints stay)")  # fmt: skip
     p.add_argument("--image_size", type=int, default=None, help="shortest edge at evaluation (and largest train scale)")
     p.add_argument("--max_size", type=int, default=None, help="longest edge cap")
     p.add_argument("--augmentation", choices=["detr", "flip"], default=None, help="detr: flip + multi-scale + crops")
@@ -84,9 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--dataloader_num_workers", "--num_workers", type=int, default=None,
                    help="DataLoader workers per process, for training and evaluation (default: from the CPUs, 1-4)")  # fmt: skip
     # checkpoints and evaluation
-    p.add_argument("--checkpointing_steps", default=None, help="an integer, or 'epoch'")
-    p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the latest N step_* checkpoints")
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    p.add_argument("--checkpointing_steps", default=None, help="save a step_N checkpoint every N steps, or every 'epoch'")
+    p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only this run's latest N step_N checkpoints")
+    p.add_argument("--resume_from_checkpoint", default=None,
+                   help="a checkpoint folder, or 'latest' (the --output_dir run's); the other arguments must be that run's")  # fmt: skip
     p.add_argument("--eval_strategy", choices=["no", "steps", "epoch"], default=None,
                    help="COCO evaluation during training (the final one always runs); default: every epoch on a dataset, "
                         "no on the synthetic data; 'steps' with --eval_steps")  # fmt: skip
@@ -162,11 +166,13 @@ def build_model(args, categories):
         elif not isinstance(loaded, hf_detr.HfDetrConfig) and type(loaded).__name__ != "HfDetrConfig":
             raise ValueError(f"--config_name {args.config_name}: a {loaded.model_type!r} config, not hf_detr's or a transformers DETR's")
         config = hf_detr.HfDetrConfig.from_dict(loaded.to_dict(), **labels, **overrides)
-    if args.model_name_or_path:  # e.g. a converted COCO DETR fine-tuned on new labels: the class head is re-initialised
+    if args.model_name_or_path:  # e.g. a converted COCO DETR fine-tuned on new labels: its class head rows follow them by name
         kwargs = dict(config=config) if config is not None else {**labels, **overrides}
-        return hf_detr.HfDetrForObjectDetection.from_pretrained(
-            args.model_name_or_path, ignore_mismatched_sizes=args.ignore_mismatched_sizes, cache_dir=args.cache_dir, **kwargs
-        )
+        return training.load_for_fine_tuning(
+            args.model_name_or_path, categories, dataset=f"{args.dataset_name or 'the synthetic data'} [{args.train_split}]",
+            ignore_mismatched_sizes=args.ignore_mismatched_sizes, cache_dir=args.cache_dir,
+            trust_remote_code=args.trust_remote_code, **kwargs,
+        )  # fmt: skip
     if config is None and args.dataset_name is None:
         config = hf_detr.HfDetrConfig(**{**training.SMALL_MODEL, **labels, **overrides})
     elif config is None:
@@ -182,8 +188,9 @@ def build_image_processor(args, config):
     return hf_detr.image_processor_for(config, size={"shortest_edge": args.image_size, "longest_edge": args.max_size})
 
 
-def train(args):
-    output_dir = Path(args.output_dir)
+def train(args, run):
+    """Train in `run.output_dir` (claimed by main()), resuming from `run.checkpoint` if any."""
+    output_dir = run.output_dir
     accelerator = Accelerator(
         # Where accelerate finds no accelerator, the processes started by `accelerate launch --multi_gpu
         # --num_processes N` (torchrun) must be told they are CPU workers to join one gloo group.
@@ -194,11 +201,8 @@ def train(args):
         # seeded shuffling: a resumed run sees the same batches as an uninterrupted one
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     logger.info(f"{accelerator.num_processes} process(es), {accelerator.distributed_type}, device {accelerator.device}")
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     (train_data, eval_data), categories, dataset_label = load_data(args, accelerator)
     transform = detr_data.build_transform(train=True, image_size=args.image_size, max_size=args.max_size, augmentation=args.augmentation)
@@ -229,21 +233,24 @@ def train(args):
         f"(batch {args.per_device_train_batch_size} each), {args.max_train_steps} steps in {math.ceil(args.max_train_steps / steps_per_epoch)} epochs"
         + (f"; the learning rate drops 10x after step {training.lr_drop_step(args.max_train_steps, args.lr_drop_fraction)}" if args.lr_scheduler_type == "step" else "")
     )  # fmt: skip
-    settings = checkpoints.run_settings(args, accelerator.num_processes, len(train_set))
+    settings = checkpoints.run_settings(args, accelerator.num_processes, len(train_set), run.run_id)
+    log_file = output_dir / "train_log.jsonl"
+    best = checkpoints.BestModel(output_dir, args.metric_for_best_model)
+    start_step, skipped_steps = 0, 0
+    if run.checkpoint is not None:  # its arguments and model checked against this run's, its best model restored
+        resumed = checkpoints.resume(accelerator, run.checkpoint, settings, accelerator.unwrap_model(model).config, log_file, steps_per_epoch)
+        start_step, skipped_steps = resumed.step, resumed.skipped_nonfinite_steps
+        best.restore(resumed.state, run.checkpoint)
+    if accelerator.is_main_process:
+        run.start(settings)  # the folder's results are this run's from here (its train_args.json)
     if args.with_tracking:
         accelerator.init_trackers("hf_detr", {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)})
-    log_file = output_dir / "train_log.jsonl"
-    start_step, skipped_steps = 0, 0
-    if args.resume_from_checkpoint:
-        start_step, skipped_steps = checkpoints.resume(accelerator, output_dir, args.resume_from_checkpoint, settings, log_file, steps_per_epoch)
 
     def evaluate(return_stats=False):
         return evaluate_model(
             accelerator.unwrap_model(model), image_processor, eval_data, categories, batch_size=args.per_device_eval_batch_size,
             accelerator=accelerator, num_workers=args.dataloader_num_workers, per_class=True, return_stats=return_stats,
         )  # fmt: skip
-
-    best = checkpoints.BestModel(output_dir, args.metric_for_best_model)
 
     def evaluate_during_training(step, when):
         metrics = evaluate()
@@ -252,10 +259,10 @@ def train(args):
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)  # a no-op without --with_tracking
 
     def save_checkpoint(step):
-        checkpoints.save_checkpoint(accelerator, model, image_processor, output_dir, f"step_{step}", settings, args.checkpoints_total_limit)
+        checkpoints.save_checkpoint(accelerator, model, image_processor, output_dir, step, settings, args.checkpoints_total_limit, best)
 
     def after_step(step, entry, last):
-        if args.checkpointing_steps not in (None, "epoch") and step % int(args.checkpointing_steps) == 0:
+        if isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0:
             save_checkpoint(step)
         if not last and args.eval_strategy == "steps" and step % args.eval_steps == 0:
             evaluate_during_training(step, f"step {step}")
@@ -318,7 +325,15 @@ def write_results(args, config, metrics, data_stats, result, best, dataset_label
 
 
 def main(argv=None):
-    return train(apply_defaults(parse_args(argv)))
+    args = apply_defaults(parse_args(argv))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # One run per --output_dir at a time, never over another run's results, checked before anything is built
+    # (hf_detr.run_folder); held until the run ends.
+    with run_folder.claim_output_dir(
+        PartialState(cpu=training.use_cpu()), Path(args.output_dir), checkpoints.run_settings(args),
+        overwrite=args.overwrite_output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
+    ) as run:  # fmt: skip
+        return train(args, run)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,12 @@ Covered in the module tests, not repeated here:
   test_train.py::test_resumed_run_reaches_the_same_loss_as_an_uninterrupted_one
 - remote code loads where hf_detr cannot be imported: test_modeling.py::test_remote_code_loads_where_hf_detr_cannot_be_imported
 - the original repo's .pth is read with weights_only=True: test_convert.py::test_original_detr_pth_is_read_weights_only
+- train.py's arguments out of range (negative learning rates or steps, --checkpointing_steps 0 or abc):
+  test_training.py::test_contradicting_or_out_of_range_arguments_are_refused_by_name
+- two runs on one --output_dir, --overwrite_output_dir, a resume of another folder's run:
+  test_run_folder.py; a full disk while checkpointing, a resume after an architecture change:
+  test_checkpoints.py::test_a_full_disk_while_checkpointing_says_so_and_leaves_the_earlier_checkpoint_intact,
+  ::test_resume_refuses_another_model_naming_the_config_fields
 """
 
 import io
@@ -583,6 +589,7 @@ def test_truncated_safetensors_is_refused(tmp_path):
 
 RUNNER = """
 import json, logging, shutil, sys
+from pathlib import Path
 import torch
 sys.path.insert(0, {scripts!r})
 import train as train_script
@@ -601,13 +608,15 @@ def poisoned_collate(batch):
 detr_data.collate_fn = poisoned_collate
 results = {{}}
 for name, scenario in json.load(open(sys.argv[1])).items():
-    for source, target in scenario.get("copy", []):
-        (shutil.copytree if source.rstrip("/").split("/")[-1].startswith("step_") else shutil.copy)(source, target)
     POISON.clear()
     POISON.update(scenario["poison"])
     handler = logging.FileHandler(sys.argv[2] + "/" + name + ".log")
     logging.getLogger().addHandler(handler)
     try:
+        for source, target in scenario.get("copy", []):
+            (shutil.copytree if Path(source).is_dir() else shutil.copy)(source, target)
+        for file, values in scenario.get("edit", {{}}).items():
+            Path(file).write_text(json.dumps({{**json.loads(Path(file).read_text()), **values}}))
         train_script.main(scenario["argv"])
         results[name] = None
     except (Exception, SystemExit) as err:  # SystemExit: argparse refusing an argument
@@ -638,18 +647,40 @@ def runs(tmp_path_factory):
                 "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--seed", "3",
                 "--max_train_steps", "3", "--output_dir", str(tmp / output), *more]  # fmt: skip
 
-    for folder in ("resumed", "other_batch_size"):
+    def copy_of(run, folder, *files):
+        return [[str(tmp / run / file), str(tmp / folder / file)] for file in files]
+
+    for folder in ("resumed", "other_batch_size", "other_learning_rate", "other_config", "resumed_best"):
         (tmp / folder).mkdir()
+    best_state = {"best_metric": 1.0, "best_global_step": 2}  # as if step 2's model had been perfect
     scenarios = {
         "poisoned": {"argv": argv(coco, "poisoned", "--checkpointing_steps", "2"), "poison": [5]},
-        "resumed": {
-            "copy": [[str(tmp / "poisoned" / "step_2"), str(tmp / "resumed" / "step_2")],
-                     [str(tmp / "poisoned" / "train_log.jsonl"), str(tmp / "resumed" / "train_log.jsonl")]],  # fmt: skip
+        # a second run in the same --output_dir (issue 25: it overwrote the first run's model and log)
+        "second_run": {"argv": argv(coco, "poisoned", "--checkpointing_steps", "2"), "poison": []},
+        "resumed": {  # a stray step_backup folder beside (issue 25: it broke `latest`)
+            "copy": [*copy_of("poisoned", "resumed", "step_2", "train_log.jsonl"), [str(tmp / "poisoned" / "step_2"), str(tmp / "resumed" / "step_backup")]],
             "argv": argv(coco, "resumed", "--resume_from_checkpoint", "latest"), "poison": [5],
         },
         "other_batch_size": {
-            "copy": [[str(tmp / "poisoned" / "step_2"), str(tmp / "other_batch_size" / "step_2")]],
+            "copy": copy_of("poisoned", "other_batch_size", "step_2"),
             "argv": argv(coco, "other_batch_size", "--resume_from_checkpoint", "latest", "--per_device_train_batch_size", "2"),
+            "poison": [],
+        },
+        "other_learning_rate": {  # issue 25: it trained at the checkpoint's rate and recorded the new one
+            "copy": copy_of("poisoned", "other_learning_rate", "step_2"),
+            "argv": argv(coco, "other_learning_rate", "--resume_from_checkpoint", "latest", "--learning_rate", "5e-4"), "poison": [],
+        },
+        "other_config": {  # issue 25: torch's size-mismatch text
+            "copy": copy_of("poisoned", "other_config", "step_2"),
+            "argv": argv(coco, "other_config", "--resume_from_checkpoint", "latest", "--config_overrides", "num_queries=7"), "poison": [],
+        },
+        "not_a_checkpoint": {"argv": argv(coco, "not_a_checkpoint", "--resume_from_checkpoint", str(tiny)), "poison": []},
+        "evaluated": {"argv": argv(coco, "evaluated", "--checkpointing_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1"), "poison": []},
+        "resumed_best": {  # issue 25: a resumed run forgot the best metric and replaced best_model/ with a worse model
+            "copy": copy_of("evaluated", "resumed_best", "step_2", "best_model", "train_log.jsonl"),
+            "edit": {str(tmp / "resumed_best" / "step_2" / "trainer_state.json"): best_state,
+                     str(tmp / "resumed_best" / "best_model" / "eval_results.json"): {"map": 1.0, "train_steps": 2}},  # fmt: skip
+            "argv": argv(coco, "resumed_best", "--resume_from_checkpoint", "latest", "--eval_strategy", "steps", "--eval_steps", "1"),
             "poison": [],
         },
         "eval_truncated": {"argv": argv(truncated_val, "eval_truncated", "--max_train_steps", "1"), "poison": []},
@@ -672,10 +703,23 @@ def read_log(output_dir: Path) -> list[dict]:
 
 
 RUN_ERRORS = {
+    "second_run": (
+        "ValueError",
+        r"--output_dir \S+poisoned already holds the results of run [\w-]+ \(best_model, eval_results.json, model.safetensors, "
+        r"step_2, train_log.jsonl, README.md, \.\.\.\): this run would write its model, log and results over them\. Choose "
+        r"another --output_dir, continue that run with --resume_from_checkpoint latest, or pass --overwrite_output_dir",
+    ),
     "other_batch_size": (
         "ValueError",
-        r"--resume_from_checkpoint \S+step_2: settings that fix which samples each step sees differ from the run "
-        r"that wrote it: per_device_train_batch_size \(checkpoint 4, now 2\)\.",
+        r"--resume_from_checkpoint \S+step_2: arguments differ from the run that wrote it: per_device_train_batch_size "
+        r"\(checkpoint 4, now 2\)\. A resumed run continues that run as it was set up",
+    ),
+    "other_learning_rate": ("ValueError", r"arguments differ from the run that wrote it: learning_rate \(checkpoint 0.0001, now 0.0005\)\."),
+    "other_config": ("ValueError", r"arguments differ from the run that wrote it: config_overrides \(checkpoint None, now 'num_queries=7'\)\."),
+    "not_a_checkpoint": (
+        "ValueError",
+        r"--resume_from_checkpoint \S+tiny is not a training checkpoint: it lacks optimizer.bin, scheduler.bin\. .* To start a new "
+        r"run from the model saved there, pass --model_name_or_path \S+tiny\.",
     ),
     "eval_unreadable": ("ValueError", r"none of the 4 evaluation images could be used"),
     "all_nonfinite": (
@@ -761,9 +805,30 @@ def test_checkpoint_records_the_settings_and_resume_refuses_others_before_touchi
     assert not (tmp / "other_batch_size" / "model.safetensors").exists()
 
 
+def test_second_run_in_an_output_dir_leaves_the_first_runs_results_as_they_were(runs):
+    tmp, _ = runs
+    assert [entry["step"] for entry in read_log(tmp / "poisoned")] == [1, 2, 3]
+    assert json.loads((tmp / "poisoned" / "eval_results.json").read_text())["data_stats"]["train"]["skipped_nonfinite_steps"] == 1
+    for refused in ("other_learning_rate", "other_config", "not_a_checkpoint"):
+        assert not (tmp / refused / "train_log.jsonl").exists() and not (tmp / refused / "model.safetensors").exists()
+
+
+def test_resumed_run_keeps_the_best_model_so_far(runs):
+    tmp, results = runs
+    assert results["evaluated"] is None and results["resumed_best"] is None
+    state = json.loads((tmp / "evaluated" / "step_2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["metric_for_best_model"] == "map" and state["best_global_step"] in (1, 2)
+    # the resumed run's step-3 evaluations (no better than map 1.0) left best_model/ as it was
+    best = json.loads((tmp / "resumed_best" / "best_model" / "eval_results.json").read_text())
+    assert (best["map"], best["train_steps"]) == (1.0, 2)
+    assert json.loads((tmp / "resumed_best" / "eval_results.json").read_text())["best_model"] == {"step": 2, "map": 1.0, "path": "best_model"}
+    assert "best map so far: 1.0000 at step 2" in (tmp / "resumed_best.log").read_text()
+
+
 def test_resumed_run_rewrites_the_log_from_the_checkpoint_step(runs):
     tmp, results = runs
     assert results["resumed"] is None
+    assert (tmp / "resumed" / "step_backup").is_dir()  # ignored, not deleted
     full, resumed = read_log(tmp / "poisoned"), read_log(tmp / "resumed")
     assert [entry["step"] for entry in resumed] == [1, 2, 3]  # not 1, 2, 3, 3
     assert resumed[:2] == full[:2]

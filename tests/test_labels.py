@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from hf_detr.data import CategoryMap
-from hf_detr.labels import label_names, match_labels
+from hf_detr.labels import class_head_rows, label_names, match_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {0: "cat", 1: "dog", 2: "bird"}
@@ -61,6 +61,45 @@ def test_unnamed_labels_fall_back_to_ids_then_order():
     assert match_labels(placeholders, categories, category_ids=[9, 2]) == [9, 2]
     assert match_labels(placeholders, categories) == [2, 9]  # same count: the dataset's order
     assert match_labels({i: f"LABEL_{i}" for i in range(4)}, categories) == [0, 1, 2, 3]  # labels as ids
+
+
+# --- training from a checkpoint: the class head rows each dataset class continues ------------------------
+
+
+def test_class_head_rows_follow_the_dataset_classes_by_name(caplog):
+    """The same rule as evaluation: the checkpoint's classes in another order (or under other ids) keep their rows;
+    ids alone would train the 'cat' row as 'bird'."""
+    with caplog.at_level(logging.WARNING):
+        assert class_head_rows(NAMES, CategoryMap([1, 3, 7], ["bird", "cat", "dog"]), [4, 5, 6], model="ckpt", dataset="split") == [2, 0, 1]
+    assert (
+        "ckpt's classes are in another order than split's: the class head rows follow the classes by name "
+        "('bird': label 2 there, 0 here, 'cat': label 0 there, 1 here, 'dog': label 1 there, 2 here)"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # other ids, same order (a COCO folder and its Hub copy): nothing moves
+        assert class_head_rows(NAMES, CategoryMap.from_names(["Cat", "dog", "bird"]), category_ids=[1, 3, 7]) == [0, 1, 2]
+    assert not caplog.text
+
+
+def test_class_head_rows_of_classes_on_one_side_are_dropped_or_start_afresh(caplog):
+    with caplog.at_level(logging.INFO):
+        assert class_head_rows(NAMES, CategoryMap([1, 2], ["dog", "fish"]), model="ckpt", dataset="split") == [1, None]
+        # no class in common: fine-tuning to new classes (an error in evaluation), the whole head starts afresh
+        assert class_head_rows(NAMES, CategoryMap([1, 2], ["car", "bus"]), model="ckpt", dataset="split") == [None, None]
+    assert "ckpt's classes ['cat', 'bird'] are not classes of split: their class head rows are dropped" in caplog.text
+    assert "split's classes ['fish'] are not classes of ckpt: their class head rows start afresh" in caplog.text
+    assert "none of ckpt's classes ['cat', 'dog', 'bird'] is a class of split ['car', 'bus']: its class head starts afresh" in caplog.text
+    with pytest.raises(ValueError, match=r"cannot tell which class \['cat'\] is: the name is used twice"):
+        class_head_rows(NAMES, CategoryMap([1, 2], ["cat", "Cat"]))
+
+
+def test_class_head_rows_without_names_follow_ids_then_order():
+    placeholders = {0: "LABEL_0", 1: "LABEL_1"}
+    categories = CategoryMap([2, 9], ["a", "b"])
+    assert class_head_rows(placeholders, categories, category_ids=[9, 2]) == [1, 0]
+    assert class_head_rows(placeholders, categories, category_ids=[9, 4]) == [None, 0]
+    assert class_head_rows(placeholders, categories) == [0, 1]  # same count: the dataset's order
+    assert class_head_rows({i: f"LABEL_{i}" for i in range(4)}, categories) == [None, None]  # afresh
 
 
 # --- scripts/evaluate.py on copies of one split -------------------------------------------------------

@@ -282,3 +282,29 @@ def test_config_name_and_image_processor_name(tmp_path):
     with pytest.raises(ValueError, match="config_name .*: a 'resnet' config"):
         tiny_backbone_config().save_pretrained(tmp_path / "resnet")
         train_script.build_model(train_script.apply_defaults(train_script.parse_args(["--config_name", str(tmp_path / "resnet")])), categories)
+
+
+def test_fine_tuning_from_a_checkpoint_whose_classes_are_in_another_order_keeps_each_class(tmp_path, caplog):
+    """--model_name_or_path whose classes are the dataset's under other ids and in another order: each class head
+    row follows its class by name (hf_detr.labels.class_head_rows, the rule scripts/evaluate.py scores by);
+    loaded by index, the checkpoint's 'cat' row went on training as 'bird' without a word."""
+    import logging
+
+    import torch
+    from accelerate import PartialState
+
+    from hf_detr.data import CategoryMap
+
+    PartialState(cpu=True)  # train.py logs through accelerate's logger
+    train_script = load_train_script()
+    checkpoint = tmp_path / "checkpoint"
+    hf_detr.HfDetrForObjectDetection(tiny_config(num_labels=3, id2label={0: "cat", 1: "dog", 2: "bird"}, category_ids=[1, 3, 7])).save_pretrained(checkpoint)
+    saved = hf_detr.HfDetrForObjectDetection.from_pretrained(checkpoint).model.heads.class_heads[0].weight
+    args = train_script.apply_defaults(train_script.parse_args(["--dataset_name", "hub-copy", "--model_name_or_path", str(checkpoint)]))
+    args.train_split = "train"
+    with caplog.at_level(logging.WARNING):
+        model = train_script.build_model(args, CategoryMap.from_names(["bird", "cat", "dog"]))
+    weight = model.model.heads.class_heads[0].weight
+    assert [torch.equal(weight[label], saved[row]) for label, row in ((0, 2), (1, 0), (2, 1), (3, 3))] == [True] * 4
+    assert model.config.id2label == {0: "bird", 1: "cat", 2: "dog"}
+    assert f"{checkpoint}'s classes are in another order than hub-copy [train]'s: the class head rows follow the classes by name" in caplog.text

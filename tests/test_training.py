@@ -2,7 +2,9 @@
 training loop that scripts/train.py and scripts/benchmark_convergence.py share (end to end: tests/test_train.py)."""
 
 import argparse
+import functools
 import json
+import math
 
 import pytest
 import torch
@@ -14,11 +16,16 @@ from hf_detr import data as detr_data
 from hf_detr import training
 
 
+@functools.cache
+def train_script_defaults() -> dict:
+    """scripts/train.py's arguments as it parses an empty command line."""
+    from conftest import load_train_script
+
+    return vars(load_train_script().parse_args([]))
+
+
 def run_arguments(**overrides) -> argparse.Namespace:
-    """scripts/train.py's defaults for the arguments check_run_arguments reads."""
-    values = dict(max_consecutive_nonfinite_steps=10, eval_every_epoch=False, eval_strategy=None, eval_steps=None,
-                  train_val_split=0.15, checkpoints_total_limit=None)  # fmt: skip
-    return argparse.Namespace(**{**values, **overrides})
+    return argparse.Namespace(**{**train_script_defaults(), **overrides})
 
 
 BAD_ARGUMENTS = {
@@ -29,6 +36,25 @@ BAD_ARGUMENTS = {
     "steps without eval_steps": (dict(eval_strategy="steps"), "--eval_strategy steps needs --eval_steps N"),
     "train_val_split 1": (dict(train_val_split=1.0), r"--train_val_split must be in \(0, 1\), got 1.0"),
     "checkpoints_total_limit 0": (dict(checkpoints_total_limit=0), "--checkpoints_total_limit must be >= 1, got 0"),
+    # issue 25: these ran to exit 0 (gradient ascent, or the untrained weights saved as the result) or failed
+    # after the first step (ZeroDivisionError, int('abc'))
+    "backbone_learning_rate -0.5": (dict(backbone_learning_rate=-0.5), "--backbone_learning_rate must be >= 0, got -0.5"),
+    "learning_rate 0": (dict(learning_rate=0.0), "--learning_rate must be > 0, got 0.0"),
+    "learning_rate nan": (dict(learning_rate=float("nan")), "--learning_rate must be a finite number, got nan"),
+    "num_warmup_steps -5": (dict(num_warmup_steps=-5), "--num_warmup_steps must be >= 0, got -5"),
+    "max_train_steps -3": (dict(max_train_steps=-3), "--max_train_steps must be >= 1, got -3"),
+    "num_train_epochs 0": (dict(num_train_epochs=0), "--num_train_epochs must be >= 1, got 0"),
+    "gradient_accumulation_steps 0": (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps must be >= 1, got 0"),
+    "checkpointing_steps 0": (dict(checkpointing_steps="0"), "--checkpointing_steps must be a number of steps >= 1 or 'epoch', got '0'"),
+    "checkpointing_steps abc": (dict(checkpointing_steps="abc"), "--checkpointing_steps must be a number of steps >= 1 or 'epoch', got 'abc'"),
+    "per_device_train_batch_size 0": (dict(per_device_train_batch_size=0), "--per_device_train_batch_size must be >= 1, got 0"),
+    "weight_decay -1": (dict(weight_decay=-1.0), "--weight_decay must be >= 0, got -1.0"),
+    "adam_beta2 1": (dict(adam_beta2=1.0), r"--adam_beta2 must be in \[0, 1\), got 1.0"),
+    "adam_epsilon 0": (dict(adam_epsilon=0.0), "--adam_epsilon must be > 0, got 0.0"),
+    "max_grad_norm -1": (dict(max_grad_norm=-1.0), "--max_grad_norm must be >= 0, got -1.0"),
+    "lr_drop_fraction 1.5": (dict(lr_drop_fraction=1.5), r"--lr_drop_fraction must be in \(0, 1\], got 1.5"),
+    "max_train_samples 0": (dict(max_train_samples=0), "--max_train_samples must be >= 1, got 0"),
+    "seed -1": (dict(seed=-1), r"--seed must be in \[0, 4294967296\), got -1"),
 }
 
 
@@ -43,6 +69,13 @@ def test_eval_strategy_follows_eval_every_epoch_and_eval_steps():
     assert training.check_run_arguments(run_arguments(eval_every_epoch=True)).eval_strategy == "epoch"
     assert training.check_run_arguments(run_arguments(eval_steps=3)).eval_strategy == "steps"
     assert training.check_run_arguments(run_arguments()).eval_strategy is None  # run_defaults decides
+
+
+def test_checkpointing_steps_become_an_int_or_epoch_and_every_range_names_an_argument():
+    assert training.check_run_arguments(run_arguments(checkpointing_steps="500")).checkpointing_steps == 500
+    assert training.check_run_arguments(run_arguments(checkpointing_steps="epoch")).checkpointing_steps == "epoch"
+    assert training.check_run_arguments(run_arguments(backbone_learning_rate=0.0)).backbone_learning_rate == 0.0  # frozen
+    assert set(training.ARGUMENT_RANGES) <= set(train_script_defaults())  # a typo would check nothing
 
 
 def test_train_script_turns_a_refused_argument_into_a_usage_error(capsys):
@@ -213,3 +246,62 @@ def test_loop_resumed_at_a_step_trains_the_rest_of_its_epoch_only(tiny_data):
         after_step=lambda step, entry, last: steps.append(step), progress=False,
     )  # fmt: skip
     assert steps == [3, 4, 5] and result.steps == 5 and result.skipped_nonfinite_steps == 1
+
+
+# --- fine-tuning from a checkpoint: the class head rows follow the dataset's classes by name ---------------
+
+CHECKPOINT_LABELS = dict(id2label={0: "cat", 1: "dog", 2: "bird"}, category_ids=[1, 3, 7])
+
+
+def labels_of(categories):
+    return dict(id2label=categories.id2label, label2id=categories.label2id, category_ids=list(categories.category_ids))
+
+
+@pytest.mark.parametrize("class_loss", ["softmax", "focal"])
+def test_fine_tuning_carries_each_classes_rows_by_name_and_starts_new_classes_afresh(tmp_path, class_loss):
+    """Class heads (every decoder layer's, with_box_refine) and the denoising queries' label embeddings: row j is
+    the checkpoint's row of the dataset's j-th class; a new class's row is the module's own init (the focal
+    prior for a sigmoid head); softmax's "no object" row stays the checkpoint's."""
+    config = tiny_config(num_labels=3, **CHECKPOINT_LABELS, class_loss=class_loss, query_type="anchor", num_denoising_queries=6,
+                         with_box_refine=True)  # fmt: skip
+    torch.manual_seed(0)
+    hf_detr.HfDetrForObjectDetection(config).save_pretrained(tmp_path / "checkpoint")
+    saved = hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path / "checkpoint")
+    categories = detr_data.CategoryMap([1, 2, 3], ["bird", "cat", "fish"])
+    model = training.load_for_fine_tuning(str(tmp_path / "checkpoint"), categories, dataset="split", **labels_of(categories))
+    assert model.config.id2label == {0: "bird", 1: "cat", 2: "fish"} and model.config.category_ids == [1, 2, 3]
+    pairs = [(new, old) for new, old in zip(model.model.heads.class_heads, saved.model.heads.class_heads)]
+    pairs.append((model.model.queries.denoising.label_embeddings, saved.model.queries.denoising.label_embeddings))
+    assert len(pairs) == 4
+    for new, old in pairs:
+        for name, param in new.named_parameters():
+            old_param = getattr(old, name)
+            assert torch.equal(param[0], old_param[2]) and torch.equal(param[1], old_param[0]), name  # bird, cat
+            if name == "weight":  # fish: afresh (an untrained focal head's biases are all its prior)
+                assert not any(torch.equal(param[2], row) for row in old_param), name
+            if param.shape[0] == 4:  # softmax: "no object"
+                assert torch.equal(param[3], old_param[3])
+            if class_loss == "focal" and name == "bias" and isinstance(new, torch.nn.Linear):
+                assert param[2].item() == pytest.approx(-math.log(0.99 / 0.01), rel=1e-5)  # the sigmoid heads' prior
+    # every other weight is the checkpoint's
+    class_rows = ("class_heads", "label_embeddings")
+    others = {n: p for n, p in model.state_dict().items() if not any(k in n for k in class_rows)}
+    assert all(torch.equal(p, saved.state_dict()[n]) for n, p in others.items())
+
+
+def test_fine_tuning_on_the_checkpoints_classes_loads_it_as_it_is_and_strict_sizes_refuse_other_classes(tmp_path):
+    config = tiny_config(num_labels=3, **CHECKPOINT_LABELS)
+    hf_detr.HfDetrForObjectDetection(config).save_pretrained(tmp_path / "checkpoint")
+    saved = hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path / "checkpoint").state_dict()
+    same = detr_data.CategoryMap.from_names(["cat", "dog", "bird"])  # other ids, same classes in the same order
+    model = training.load_for_fine_tuning(str(tmp_path / "checkpoint"), same, dataset="split", **labels_of(same))
+    assert all(torch.equal(p, saved[n]) for n, p in model.state_dict().items())
+    other = detr_data.CategoryMap.from_names(["bird", "cat", "fish"])
+    with pytest.raises(ValueError, match=(
+        r"--no-ignore_mismatched_sizes: \S+checkpoint's classes \['cat', 'dog', 'bird'\] are not those of split \['bird', 'cat', "
+        r"'fish'\] \(matched by name\): pass --ignore_mismatched_sizes"
+    )):  # fmt: skip
+        training.load_for_fine_tuning(str(tmp_path / "checkpoint"), other, dataset="split", ignore_mismatched_sizes=False, **labels_of(other))
+    reordered = detr_data.CategoryMap.from_names(["bird", "cat", "dog"])  # the same classes: strict sizes allow it
+    model = training.load_for_fine_tuning(str(tmp_path / "checkpoint"), reordered, dataset="split", ignore_mismatched_sizes=False, **labels_of(reordered))
+    assert torch.equal(model.model.heads.class_heads[0].weight[0], saved["model.heads.class_heads.0.weight"][2])
