@@ -31,6 +31,7 @@ from .data import CategoryMap, default_num_workers
 from .heads import HfDetrHeads, start_at_prior
 from .labels import class_head_rows, label_names
 from .modeling_hf_detr import HfDetrForObjectDetection
+from .memory import EncoderProposals
 from .queries import Denoising
 
 logger = get_logger(__name__)
@@ -207,21 +208,24 @@ def carry_class_rows(model, source, rows: list[int | None]):
     """Row j of each class-indexed weight of `model` (the class heads, the denoising queries' label embeddings)
     becomes row `rows[j]` of `source`'s (the checkpoint's, module by module); a row without one (None, or no
     `source`) starts afresh, from the module's own init. A softmax head's last row ("no object") stays the
-    checkpoint's. The encoder proposals' head is class-agnostic (trained as "object") and left as loaded."""
+    checkpoint's. A two-stage encoder's class head too where it scores by class (DINO); a class-agnostic one
+    (Deformable DETR's, trained as "object") is left as loaded."""
     source_modules = dict(source.named_modules()) if source is not None else {}
+    prior = next(module.prior_probability for module in model.modules() if isinstance(module, HfDetrHeads))
     for name, module in model.named_modules():
         if isinstance(module, HfDetrHeads):
-            prior = module.prior_probability
             layers = [(f"{name}.class_heads.{i}", head, prior) for i, head in enumerate(module.class_heads)]
+        elif isinstance(module, EncoderProposals) and not module.class_agnostic:
+            layers = [(f"{name}.class_head", module.class_head, prior)]
         elif isinstance(module, Denoising):
             layers = [(f"{name}.label_embeddings", module.label_embeddings, None)]
         else:
             continue
-        for layer_name, layer, prior in layers:
+        for layer_name, layer, layer_prior in layers:
             fresh = copy.deepcopy(layer)
             fresh.reset_parameters()
-            if prior is not None:
-                start_at_prior(fresh, prior)
+            if layer_prior is not None:
+                start_at_prior(fresh, layer_prior)
             old = source_modules.get(layer_name)
             for param_name, param in fresh.named_parameters():
                 old_param = getattr(old, param_name, None)

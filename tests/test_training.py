@@ -259,11 +259,11 @@ def labels_of(categories):
 
 @pytest.mark.parametrize("class_loss", ["softmax", "focal"])
 def test_fine_tuning_carries_each_classes_rows_by_name_and_starts_new_classes_afresh(tmp_path, class_loss):
-    """Class heads (every decoder layer's, with_box_refine) and the denoising queries' label embeddings: row j is
-    the checkpoint's row of the dataset's j-th class; a new class's row is the module's own init (the focal
-    prior for a sigmoid head); softmax's "no object" row stays the checkpoint's."""
+    """Class heads (every decoder layer's, with_box_refine; a DINO two-stage encoder's) and the denoising queries'
+    label embeddings: row j is the checkpoint's row of the dataset's j-th class; a new class's row is the module's
+    own init (the focal prior for a sigmoid head); softmax's "no object" row stays the checkpoint's."""
     config = tiny_config(num_labels=3, **CHECKPOINT_LABELS, class_loss=class_loss, query_type="anchor", num_denoising_queries=6,
-                         with_box_refine=True)  # fmt: skip
+                         with_box_refine=True, two_stage=True)  # fmt: skip
     torch.manual_seed(0)
     hf_detr.HfDetrForObjectDetection(config).save_pretrained(tmp_path / "checkpoint")
     saved = hf_detr.HfDetrForObjectDetection.from_pretrained(tmp_path / "checkpoint")
@@ -272,7 +272,8 @@ def test_fine_tuning_carries_each_classes_rows_by_name_and_starts_new_classes_af
     assert model.config.id2label == {0: "bird", 1: "cat", 2: "fish"} and model.config.category_ids == [1, 2, 3]
     pairs = [(new, old) for new, old in zip(model.model.heads.class_heads, saved.model.heads.class_heads)]
     pairs.append((model.model.queries.denoising.label_embeddings, saved.model.queries.denoising.label_embeddings))
-    assert len(pairs) == 4
+    pairs.append((model.model.proposals.class_head, saved.model.proposals.class_head))
+    assert len(pairs) == 5
     for new, old in pairs:
         for name, param in new.named_parameters():
             old_param = getattr(old, name)
@@ -284,7 +285,7 @@ def test_fine_tuning_carries_each_classes_rows_by_name_and_starts_new_classes_af
             if class_loss == "focal" and name == "bias" and isinstance(new, torch.nn.Linear):
                 assert param[2].item() == pytest.approx(-math.log(0.99 / 0.01), rel=1e-5)  # the sigmoid heads' prior
     # every other weight is the checkpoint's
-    class_rows = ("class_heads", "label_embeddings")
+    class_rows = ("class_heads", "label_embeddings", "proposals.class_head")
     others = {n: p for n, p in model.state_dict().items() if not any(k in n for k in class_rows)}
     assert all(torch.equal(p, saved.state_dict()[n]) for n, p in others.items())
 
