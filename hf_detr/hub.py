@@ -184,6 +184,8 @@ def render_model_card(
             if isinstance(metrics[key], (int, float)) and not isinstance(metrics[key], bool)
         ],
         training_rows=training_rows,
+        ema_decay=(training_args or {}).get("ema_decay"),
+        ema_warmup_steps=(training_args or {}).get("ema_warmup_steps"),
         architecture=_architecture(model_config),
         num_queries=_architecture(model_config).get("num_queries"),
         framework_versions=framework_versions() if versions is None else dict(versions),

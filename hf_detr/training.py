@@ -94,6 +94,7 @@ ARGUMENT_RANGES = {
     "dataloader_num_workers": (0, None, True, None), "seed": (0, 2**32, True, False),  # numpy's seed range
     "eval_steps": (1, None, True, None), "checkpoints_total_limit": (1, None, True, None),
     "max_consecutive_nonfinite_steps": (1, None, True, None), "train_val_split": (0, 1, False, False),
+    "ema_decay": (0, 1, False, False), "ema_warmup_steps": (0, None, True, None),
 }  # fmt: skip
 
 
@@ -339,7 +340,7 @@ class LoopResult:
 def train_loop(
     accelerator, model, optimizer, scheduler, loader, *, max_train_steps: int, seed: int, max_grad_norm: float = 0.1,
     max_consecutive_nonfinite_steps: int = 10, start_step: int = 0, skipped_steps: int = 0,
-    log_file: Path | None = None, after_step=None, after_epoch=None, progress: bool = True,
+    log_file: Path | None = None, after_step=None, after_epoch=None, progress: bool = True, ema=None,
 ) -> LoopResult:  # fmt: skip
     """Train `model` (prepared by `accelerator`, as are `optimizer`, `scheduler` and `loader`, whose dataset
     has `set_epoch` for its augmentation) up to `max_train_steps` optimizer steps.
@@ -353,6 +354,7 @@ def train_loop(
     resumed run's count. `after_step(step, entry, last)` runs after every step and `after_epoch(epoch,
     step, last)` after every epoch (the last one possibly cut short): checkpoints, evaluations, timing;
     `last` is True once `max_train_steps` are done. `progress`: a progress bar (local main process).
+    `ema`: an `hf_detr.ema.ExponentialMovingAverage` of the model, updated after every optimizer step taken.
     """
     per_epoch = steps_per_epoch(loader, accelerator)
     start_epoch, done_in_epoch = divmod(start_step, per_epoch)
@@ -382,6 +384,8 @@ def train_loop(
                     fp16_scaler = accelerator.scaler is not None
                     if guard.step_ok(None if fp16_scaler else grad_norm) or fp16_scaler:
                         optimizer.step()
+                        if ema is not None:
+                            ema.update(accelerator.unwrap_model(model))
                 scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:

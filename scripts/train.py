@@ -25,6 +25,7 @@ import hf_detr
 from hf_detr import checkpoints, run_folder, training
 from hf_detr import data as detr_data
 from hf_detr.convert import CONFIG_CONVERTERS, config_from_transformers_config
+from hf_detr.ema import ExponentialMovingAverage
 from hf_detr.evaluation import COCO_METRIC_NAMES, evaluate_model
 from hf_detr.hub import base_model_id, push_checkpoint, render_model_card
 from hf_detr.image_processing import fit_image_processor
@@ -79,6 +80,11 @@ def parse_args(argv=None):
     p.add_argument("--adam_beta2", type=float, default=None, help="default 0.999")
     p.add_argument("--adam_epsilon", type=float, default=None, help="default 1e-8")
     p.add_argument("--max_grad_norm", type=float, default=None, help="default 0.1")
+    p.add_argument("--ema_decay", type=float, default=None,
+                   help="evaluate and save an exponential moving average of the weights with this decay (e.g. 0.9999, "
+                        "RT-DETR's); default: off, the trained weights themselves")  # fmt: skip
+    p.add_argument("--ema_warmup_steps", type=int, default=2000,
+                   help="the average's decay ramps up as decay * (1 - exp(-step / this)) (RT-DETR's 2000)")
     p.add_argument("--lr_scheduler_type", choices=training.LR_SCHEDULERS, default=None,
                    help="step (default): DETR's 10x drop after --lr_drop_fraction of the steps; the others: transformers' get_scheduler")  # fmt: skip
     p.add_argument("--num_warmup_steps", type=int, default=None, help="linear warm-up steps of the learning rate (default 0)")
@@ -222,6 +228,11 @@ def train(args, run):
         model, args.learning_rate, args.backbone_learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # --ema_decay: an average of the weights, which evaluations, best_model/ and the final model use; step checkpoints
+    # carry it in their state (their model files are the trained weights, which a resume continues from)
+    ema = ExponentialMovingAverage(accelerator.unwrap_model(model), args.ema_decay, args.ema_warmup_steps) if args.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     steps_per_epoch = training.steps_per_epoch(loader, accelerator)  # after `prepare` has sharded the loader
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -246,19 +257,23 @@ def train(args, run):
     if args.with_tracking:
         accelerator.init_trackers("hf_detr", {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)})
 
+    def reported():  # the model the run evaluates and saves
+        return ema.module if ema is not None else accelerator.unwrap_model(model)
+
     def evaluate(return_stats=False):
         return evaluate_model(
-            accelerator.unwrap_model(model), image_processor, eval_data, categories, batch_size=args.per_device_eval_batch_size,
+            reported(), image_processor, eval_data, categories, batch_size=args.per_device_eval_batch_size,
             accelerator=accelerator, num_workers=args.dataloader_num_workers, per_class=True, return_stats=return_stats,
         )  # fmt: skip
 
     def evaluate_during_training(step, when):
         metrics = evaluate()
         logger.info(f"{when}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in COCO_METRIC_NAMES))
-        best.update(accelerator, model, image_processor, metrics, step)
+        best.update(accelerator, reported(), image_processor, metrics, step)
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)  # a no-op without --with_tracking
 
     def save_checkpoint(step):
+        # the model files of step_N are the state accelerate resumes from (the trained weights; an average rides along)
         checkpoints.save_checkpoint(accelerator, model, image_processor, output_dir, step, settings, args.checkpoints_total_limit, best)
 
     def after_step(step, entry, last):
@@ -276,12 +291,12 @@ def train(args, run):
     result = training.train_loop(
         accelerator, model, optimizer, scheduler, loader, max_train_steps=args.max_train_steps, seed=args.seed,
         max_grad_norm=args.max_grad_norm, max_consecutive_nonfinite_steps=args.max_consecutive_nonfinite_steps,
-        start_step=start_step, skipped_steps=skipped_steps, log_file=log_file, after_step=after_step, after_epoch=after_epoch,
+        start_step=start_step, skipped_steps=skipped_steps, log_file=log_file, after_step=after_step, after_epoch=after_epoch, ema=ema,
     )  # fmt: skip
 
     # The trained model first: nothing after training (evaluation, the card, the push) may lose it.
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = reported()
     if accelerator.is_main_process:
         checkpoints.save_model(unwrapped, image_processor, output_dir)
         logger.info(f"saved the trained model to {output_dir}")
@@ -295,7 +310,7 @@ def train(args, run):
         raise
     logger.info("final evaluation: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in COCO_METRIC_NAMES))
     if args.eval_strategy != "no":
-        best.update(accelerator, model, image_processor, metrics, result.steps)
+        best.update(accelerator, unwrapped, image_processor, metrics, result.steps)
     if args.with_tracking:
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=result.steps)
         accelerator.end_training()

@@ -187,3 +187,10 @@ def test_base_model_is_the_hub_model_the_weights_started_from(tmp_path):
     assert base_model_id(str(tmp_path), converted) == "facebook/detr-resnet-50"  # a local converted folder
     assert base_model_id(str(tmp_path), tiny_config()) is None  # a local folder of unknown origin
     assert base_model_id(None, converted) is None  # trained from scratch
+
+
+def test_the_card_says_when_the_weights_are_an_average():
+    plain = render_model_card(METRICS, None, {"learning_rate": 1e-4})
+    averaged = render_model_card(METRICS, None, {"learning_rate": 1e-4, "ema_decay": 0.9999, "ema_warmup_steps": 2000})
+    assert "exponential moving average" not in plain
+    assert "an exponential moving average of the trained\nweights (decay 0.9999, warmed up over 2000 steps)" in averaged

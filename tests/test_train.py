@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import hf_detr
 from conftest import load_train_script, tiny_config
@@ -143,6 +144,29 @@ def test_resumed_run_reaches_the_same_loss_as_an_uninterrupted_one(tmp_path):
     assert set(resumed_log) == {3, 4}
     for step in (3, 4):
         assert resumed_log[step]["loss"] == pytest.approx(full_log[step]["loss"], rel=1e-5), step
+
+
+def test_ema_weights_are_the_runs_model_and_a_resume_restores_the_average_exactly(tmp_path):
+    """--ema_decay: the final model (and every evaluation, step checkpoint and best model) is the average of the
+    weights; a checkpoint carries the average, so a resumed run ends with the uninterrupted one's; the card says so."""
+    from safetensors.torch import load_file
+
+    ema_run = [*TINY_RUN, "--max_train_steps", "4", "--ema_decay", "0.9", "--ema_warmup_steps", "1"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch(tmp_path, *ema_run, "--checkpointing_steps", "2", "--output_dir", str(full))
+    resumed.mkdir()
+    shutil.copytree(full / "step_2", resumed / "step_2")
+    launch(tmp_path, *ema_run, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest")
+    assert read_log(resumed)[4]["loss"] == pytest.approx(read_log(full)[4]["loss"], rel=1e-5)  # the same training
+    # the final model is the average: not step_4's trained weights (what a resume continues from), but the same
+    # average after a resume
+    averaged, resumed_average, trained = (load_file(folder / "model.safetensors") for folder in (full, resumed, full / "step_4"))
+    moved = [name for name, value in trained.items() if value.is_floating_point() and not torch.equal(value, averaged[name])]
+    assert len(moved) > 50
+    for name, value in averaged.items():
+        torch.testing.assert_close(resumed_average[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    card = (full / "README.md").read_text()
+    assert "exponential moving average of the trained" in card and "decay 0.9" in card
 
 
 @pytest.fixture
