@@ -51,13 +51,16 @@ class EncoderMemory:
             centres.append(torch.stack(torch.meshgrid(x, y, indexing="xy"), -1).reshape(-1, 2))
         return torch.cat(centres)
 
+    def level_of_position(self) -> torch.Tensor:
+        """[S] the level of every position (built from the shapes, not counts in a tensor: an exported graph keeps
+        the levels' sizes symbolic)."""
+        device = self.features.device
+        return torch.cat([torch.full((h * w,), level, device=device) for level, (h, w) in enumerate(self.level_shapes)])
+
     def reference_points(self) -> torch.Tensor:
         """[B, S, L, 2] Deformable DETR's encoder references: each position's centre, relative to its level's real
         extent, then placed on every level's real extent (a position keeps its place in the image across levels)."""
-        level_of_position = torch.repeat_interleave(
-            torch.arange(len(self.level_shapes), device=self.features.device), torch.tensor([h * w for h, w in self.level_shapes], device=self.features.device)
-        )  # fmt: skip
-        in_image = self.positions_in_levels()[None] / self.valid_ratios[:, level_of_position]  # [B, S, 2]
+        in_image = self.positions_in_levels()[None] / self.valid_ratios[:, self.level_of_position()]  # [B, S, 2]
         return in_image[:, :, None] * self.valid_ratios[:, None]
 
 
@@ -180,10 +183,7 @@ class EncoderProposals(nn.Module):
     def fixed_boxes(self, memory: EncoderMemory) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (box logits [B, S, 4] in inverse-sigmoid space, valid [B, S] bool)."""
         centres = memory.positions_in_levels()  # [S, 2] relative to each level's padded size
-        level_of_position = torch.repeat_interleave(
-            torch.arange(len(memory.level_shapes), device=centres.device),
-            torch.tensor([h * w for h, w in memory.level_shapes], device=centres.device),
-        )  # fmt: skip
+        level_of_position = memory.level_of_position()
         centres = centres[None] / memory.valid_ratios[:, level_of_position]  # relative to the real extent
         sides = (0.05 * 2.0 ** level_of_position.to(centres.dtype))[None, :, None].expand_as(centres)
         boxes = torch.cat((centres, sides), -1)

@@ -132,33 +132,25 @@ def test_two_processes_count_their_steps_after_sharding_and_resume_mid_epoch(tmp
     assert json.loads((resumed / "eval_results.json").read_text())["train_steps"] == 4
 
 
-def test_resumed_run_reaches_the_same_loss_as_an_uninterrupted_one(tmp_path):
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch(tmp_path, *TINY_RUN, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", str(full))
-    assert (full / "step_2").is_dir() and (full / "step_4").is_dir()
-    assert not list(full.glob("*.partial")), "a checkpoint was left half-written"
-    resumed.mkdir()
-    shutil.copytree(full / "step_2", resumed / "step_2")
-    launch(tmp_path, *TINY_RUN, "--max_train_steps", "4", "--output_dir", str(resumed), "--resume_from_checkpoint", "latest")
-    full_log, resumed_log = read_log(full), read_log(resumed)
-    assert set(resumed_log) == {3, 4}
-    for step in (3, 4):
-        assert resumed_log[step]["loss"] == pytest.approx(full_log[step]["loss"], rel=1e-5), step
-
-
-def test_ema_weights_are_the_runs_model_and_a_resume_restores_the_average_exactly(tmp_path):
-    """--ema_decay: the final model (and every evaluation, step checkpoint and best model) is the average of the
-    weights; a checkpoint carries the average, so a resumed run ends with the uninterrupted one's; the card says so."""
+def test_resumed_run_reaches_the_same_loss_and_average_as_an_uninterrupted_one(tmp_path):
+    """A run resumed from step_2 trains steps 3 and 4 as the uninterrupted run did. With --ema_decay the final
+    model (and every evaluation and best model) is the average of the weights, which the checkpoint carries: the
+    resumed run ends with the uninterrupted one's average; the model card says so."""
     from safetensors.torch import load_file
 
     ema_run = [*TINY_RUN, "--max_train_steps", "4", "--ema_decay", "0.9", "--ema_warmup_steps", "1"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     launch(tmp_path, *ema_run, "--checkpointing_steps", "2", "--output_dir", str(full))
+    assert (full / "step_2").is_dir() and (full / "step_4").is_dir()
+    assert not list(full.glob("*.partial")), "a checkpoint was left half-written"
     resumed.mkdir()
     shutil.copytree(full / "step_2", resumed / "step_2")
     launch(tmp_path, *ema_run, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest")
-    assert read_log(resumed)[4]["loss"] == pytest.approx(read_log(full)[4]["loss"], rel=1e-5)  # the same training
-    # the final model is the average: not step_4's trained weights (what a resume continues from), but the same
+    full_log, resumed_log = read_log(full), read_log(resumed)
+    assert set(resumed_log) == {3, 4}
+    for step in (3, 4):
+        assert resumed_log[step]["loss"] == pytest.approx(full_log[step]["loss"], rel=1e-5), step
+    # the final model is the average: not step_4's trained weights (what a resume continues from), and the same
     # average after a resume
     averaged, resumed_average, trained = (load_file(folder / "model.safetensors") for folder in (full, resumed, full / "step_4"))
     moved = [name for name, value in trained.items() if value.is_floating_point() and not torch.equal(value, averaged[name])]
