@@ -146,7 +146,7 @@ def load_coco_folder(root: str | Path, split: str) -> DetectionData:
     if not ann_file.is_file():
         raise FileNotFoundError(
             f"no COCO annotation file {ann_file}: the splits of {root} are {coco_folder_splits(root)} "
-            "(annotations/instances_<split>.json); name one with --train_split / --eval_split (scripts/evaluate.py: --split)"
+            "(annotations/instances_<split>.json); name one with --train_split / --eval_split"
         )
     try:
         coco = json.loads(ann_file.read_text())

@@ -1,13 +1,13 @@
 """Convert published DETR weights (DETR, Conditional DETR, DAB-DETR) into an hf_detr checkpoint folder.
 
-    python scripts/convert_detr_checkpoint.py --checkpoint facebook/detr-resnet-50 --output_dir outputs/detr-resnet-50
-    python scripts/convert_detr_checkpoint.py --checkpoint facebook/detr-resnet-50 --revision no_timm --output_dir ...
-    python scripts/convert_detr_checkpoint.py --checkpoint detr-r50-e632da11.pth --output_dir ...   # facebookresearch/detr
-    python scripts/convert_detr_checkpoint.py --checkpoint path/to/transformers_detr_folder --output_dir ...
-    python scripts/convert_detr_checkpoint.py --checkpoint microsoft/conditional-detr-resnet-50 --output_dir ...
-    python scripts/convert_detr_checkpoint.py --checkpoint IDEA-Research/dab-detr-resnet-50 --output_dir ...
+    python scripts/convert_detr_checkpoint.py --model_name_or_path facebook/detr-resnet-50 --output_dir outputs/detr-resnet-50
+    python scripts/convert_detr_checkpoint.py --model_name_or_path facebook/detr-resnet-50 --revision no_timm --output_dir ...
+    python scripts/convert_detr_checkpoint.py --model_name_or_path detr-r50-e632da11.pth --output_dir ...   # facebookresearch/detr
+    python scripts/convert_detr_checkpoint.py --model_name_or_path path/to/transformers_detr_folder --output_dir ...
+    python scripts/convert_detr_checkpoint.py --model_name_or_path microsoft/conditional-detr-resnet-50 --output_dir ...
+    python scripts/convert_detr_checkpoint.py --model_name_or_path IDEA-Research/dab-detr-resnet-50 --output_dir ...
 
---checkpoint is a Hub id, a local transformers DETR / Conditional DETR / DAB-DETR folder (config.json +
+--model_name_or_path is a Hub id, a local transformers DETR / Conditional DETR / DAB-DETR folder (config.json +
 model.safetensors or pytorch_model.bin), or an original facebookresearch/detr `.pth` (read with
 weights_only=True). The
 output folder holds the model (config.json with COCO's 91 label slots for COCO models, weights and the
@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Hub id, transformers DETR folder, or original DETR .pth")
+    p.add_argument("--model_name_or_path", "--checkpoint", required=True,
+                   help="Hub id, transformers DETR folder, or original DETR .pth")
     p.add_argument("--output_dir", required=True, help="where to write the hf_detr checkpoint")
     p.add_argument("--revision", default=None, help="Hub revision, e.g. no_timm")
     p.add_argument(
@@ -40,12 +41,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model = convert_checkpoint(args.checkpoint, revision=args.revision, num_heads=args.num_heads, timm_backbone=args.timm_backbone)
+    model = convert_checkpoint(args.model_name_or_path, revision=args.revision, num_heads=args.num_heads, timm_backbone=args.timm_backbone)
     model.save_pretrained(args.output_dir)
     image_processor_for(model.config).save_pretrained(args.output_dir)
     num_parameters = sum(p.numel() for p in model.parameters())
     summary = f"{num_parameters / 1e6:.1f}M parameters, {model.config.num_labels} labels"
-    logger.info(f"{args.checkpoint} -> {args.output_dir} ({summary})")
+    logger.info(f"{args.model_name_or_path} -> {args.output_dir} ({summary})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """COCO box metrics of a checkpoint on one split of a detection dataset.
 
     python scripts/evaluate.py --model_name_or_path outputs/hf-detr-synthetic --dataset_name outputs/synthetic-coco
-    python scripts/evaluate.py --model_name_or_path user/detr-coco --dataset_name detection-datasets/coco --split val
+    python scripts/evaluate.py --model_name_or_path user/detr-coco --dataset_name detection-datasets/coco --eval_split val
     accelerate launch scripts/evaluate.py ...    # shards the split over processes, same numbers
 
 The checkpoint is loaded with `AutoModelForObjectDetection` / `AutoImageProcessor` (hf_detr registers
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", required=True, help="checkpoint folder or Hub model id")
     p.add_argument("--dataset_name", required=True, help="Hub dataset id or local COCO folder")
-    p.add_argument("--split", default=None,
+    p.add_argument("--eval_split", "--split", default=None,
                    help="split name (COCO folders: instances_<split>.json); default: the dataset's own (val2017 / val / validation)")  # fmt: skip
     p.add_argument("--bbox_format", choices=["xywh", "xyxy"], default=None, help="Hub datasets: box format")
     p.add_argument("--max_eval_samples", type=int, default=None, help="evaluate the first N images only")
@@ -81,19 +81,19 @@ def main(argv=None):
     kwargs = dict(revision=args.revision, trust_remote_code=args.trust_remote_code)
     model, image_processor = load_model(args.model_name_or_path, **kwargs)
     model = model.to(accelerator.device)
-    args.split = args.split or default_splits(args.dataset_name)[1]
+    args.eval_split = args.eval_split or default_splits(args.dataset_name)[1]
     load_kwargs = {"bbox_format": args.bbox_format} if args.bbox_format else {}
-    dataset, categories = load_detection_dataset(args.dataset_name, args.split, **load_kwargs)
+    dataset, categories = load_detection_dataset(args.dataset_name, args.eval_split, **load_kwargs)
     if args.max_eval_samples is not None:
         dataset = dataset.select(range(min(args.max_eval_samples, len(dataset))))
     if accelerator.is_main_process:
-        where = f"{args.dataset_name} [{args.split}]"
+        where = f"{args.dataset_name} [{args.eval_split}]"
         logger.info(f"{len(dataset)} images of {where}, {accelerator.num_processes} process(es)")
 
     # which dataset category each label means, by class name (hf_detr.labels: one rule, for training from a checkpoint too)
     category_map = match_labels(
         model.config.id2label, categories, getattr(model.config, "category_ids", None),
-        model=args.model_name_or_path, dataset=f"{args.dataset_name} [{args.split}]",
+        model=args.model_name_or_path, dataset=f"{args.dataset_name} [{args.eval_split}]",
     )  # fmt: skip
     metrics, data_stats = evaluate_model(
         model,

@@ -7,7 +7,7 @@
     python scripts/explain.py --model_name_or_path outputs/hf-detr-synthetic --image val/000003.jpg \\
         --annotations annotations/instances_val.json --output_dir explain/
     # over a split: where each query slot predicts (DETR's figure 7) and how often it is matched, per class
-    python scripts/explain.py --model_name_or_path outputs/hf-detr-synthetic --dataset_name /data/coco --split val2017 --output_dir slots/
+    python scripts/explain.py --model_name_or_path outputs/hf-detr-synthetic --dataset_name /data/coco --eval_split val2017 --output_dir slots/
 
 --model_name_or_path is a checkpoint folder or Hub id (its own image processor is used); --dataset_name a Hub
 dataset id or a local COCO folder, as scripts/train.py takes them.
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.5, help="score from which a query counts as a detection")
     p.add_argument("--training_queries", action="store_true", help="also build every query group (and denoising queries)")
     p.add_argument("--dataset_name", "--dataset", default=None, help="Hub dataset id or local COCO folder: statistics over a split")
-    p.add_argument("--split", default=None, help="default: the dataset's own (val2017 / val / validation)")
+    p.add_argument("--eval_split", "--split", default=None, help="default: the dataset's own (val2017 / val / validation)")
     p.add_argument("--max_eval_samples", "--max_images", type=int, default=None, help="the first N images of the split only")
     p.add_argument("--trust_remote_code", action="store_true")
     args = p.parse_args(argv)
@@ -71,11 +71,11 @@ def main(argv=None):
         page = write_report(explanation, args.output_dir, title=f"{Path(args.image).name} through {args.model_name_or_path}")
         logger.info(f"{len(explanation.detections())} detections over {args.threshold}; wrote {page}")
     else:
-        args.split = args.split or detr_data.default_splits(args.dataset_name)[1]
-        dataset = detr_data.load_detection_dataset(args.dataset_name, args.split).dataset
+        args.eval_split = args.eval_split or detr_data.default_splits(args.dataset_name)[1]
+        dataset = detr_data.load_detection_dataset(args.dataset_name, args.eval_split).dataset
         examples = islice(dataset, args.max_eval_samples) if args.max_eval_samples else dataset
         statistics = query_statistics(model, examples, image_processor=processor)
-        page = write_dataset_report(statistics, args.output_dir, title=f"{args.model_name_or_path}'s query slots on {args.dataset_name} {args.split}")
+        page = write_dataset_report(statistics, args.output_dir, title=f"{args.model_name_or_path}'s query slots on {args.dataset_name} {args.eval_split}")
         logger.info(f"{len(statistics.centres)} images; wrote {page}")
 
 

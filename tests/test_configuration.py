@@ -152,3 +152,19 @@ def test_relabelling_gives_a_consistent_config(labelled_checkpoint, caplog):
     # ids that do not fit the labels: an error naming both fields
     with pytest.raises(ValueError, match="category_ids has 3 entries but num_labels is 2"):
         hf_detr.HfDetrConfig.from_pretrained(labelled_checkpoint, id2label={0: "x", 1: "y"}, category_ids=[1, 2, 3])
+
+
+def test_num_channels_reaches_the_backbone_and_must_agree_with_it():
+    """`num_channels` is the input's channel count: the default backbone is built with it (a greyscale model takes
+    1-channel images), and a backbone_config that says otherwise is refused by name."""
+    import torch
+
+    from conftest import tiny_backbone_config, tiny_config
+
+    greyscale = hf_detr.HfDetrConfig(num_channels=1)
+    assert greyscale.backbone_config.num_channels == 1
+    model = hf_detr.HfDetrForObjectDetection(tiny_config(num_channels=1, backbone_config=tiny_backbone_config(num_channels=1))).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 64, 64)).logits.shape[:2] == (1, 10)
+    with pytest.raises(ValueError, match=r"num_channels \(1\) differs from its backbone_config.num_channels \(3\)"):
+        tiny_config(num_channels=1)

@@ -166,7 +166,7 @@ def test_explain_script_end_to_end(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     assert "matching.png" in (tmp_path / "one" / "index.html").read_text()
     split = subprocess.run(
-        run + ["--dataset_name", str(root), "--split", "val", "--output_dir", str(tmp_path / "slots")],
+        run + ["--dataset_name", str(root), "--eval_split", "val", "--output_dir", str(tmp_path / "slots")],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert split.returncode == 0, split.stderr[-3000:]

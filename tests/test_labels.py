@@ -174,7 +174,7 @@ def test_evaluate_script_scores_the_classes_by_name(named_checkpoint, tmp_path, 
         dataset = coco_copy(tmp_path / "coco", examples, {1: "dog", 3: "cat", 7: "bird"}, {"cat": 3, "dog": 1, "bird": 7})
     argv = ["--model_name_or_path", str(folder), "--dataset_name", str(dataset), "--dataloader_num_workers", "0"]
     if copy.startswith("Hub"):  # datasets names a val.parquet file's split so; a COCO folder's "val" is found
-        argv += ["--split", "validation"]
+        argv += ["--eval_split", "validation"]
     with caplog.at_level(logging.WARNING):
         metrics = evaluate_script().main(argv)
     assert metrics["map"] == pytest.approx(1.0), copy

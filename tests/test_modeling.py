@@ -3,6 +3,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,6 +221,14 @@ def test_checkpoint_carries_remote_code(checkpoint):
     }
     for name in ("configuration_hf_detr.py", "modeling_hf_detr.py", "queries.py", "matching.py", "loss.py", "box_ops.py"):
         assert (checkpoint / name).is_file(), name
+    # Only the model's own import closure travels: no converter, training or data code.
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    package = Path(hf_detr.__file__).parent
+    needed = {Path(f).name for root in ("configuration_hf_detr.py", "modeling_hf_detr.py")
+              for f in [package / root, *get_relative_import_files(package / root)]}
+    assert {f.name for f in checkpoint.glob("*.py")} == needed
+    assert not needed & {"convert.py", "checkpoint_converters.py", "training.py", "data.py", "checkpoints.py"}
 
 
 def test_remote_code_loads_where_hf_detr_cannot_be_imported(checkpoint, model, inputs, tmp_path_factory):

@@ -94,7 +94,7 @@ def test_default_run_in_one_process(tmp_path):
     metrics_file = tmp_path / "metrics.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model_name_or_path", str(output_dir / "step_3"),
-         "--dataset_name", str(tmp_path / "cache" / "synthetic-16-6"), "--split", "val", "--output_file", str(metrics_file)],
+         "--dataset_name", str(tmp_path / "cache" / "synthetic-16-6"), "--eval_split", "val", "--output_file", str(metrics_file)],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -197,7 +197,7 @@ def test_local_coco_folder_trains_from_a_transformers_detr_checkpoint(tmp_path):
     assert config.converted_from == str(detr)
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model_name_or_path", str(detr),
-         "--dataset_name", str(coco), "--split", "val"],
+         "--dataset_name", str(coco), "--eval_split", "val"],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
