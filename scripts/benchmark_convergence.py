@@ -387,6 +387,10 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
     if others:
         better = max(others, key=lambda n: final(rows[n]))
         lines.append(f"best / the better of Conditional / DAB ({better}): {ratio(best, better):.2f}x")
+    deformables = [n for n in ("transformers-deformable", "transformers-deformable-two-stage") if n in rows]
+    if deformables:
+        better = max(deformables, key=lambda n: final(rows[n]))
+        lines.append(f"best / the better of Deformable DETR plain / two-stage ({better}): {ratio(best, better):.2f}x")
     spread = noise(rows)
     for theirs, ours in COUNTERPARTS.items():
         if theirs in rows and ours in rows:

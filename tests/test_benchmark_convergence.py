@@ -87,3 +87,13 @@ def test_unknown_contender_is_rejected(capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse's error, before anything trains
         bench.main(["--contenders", "detr,nope"])
     assert exit_info.value.code != 0 and "unknown contenders ['nope']" in capsys.readouterr().err
+
+
+def test_verdicts_compare_the_best_recipe_with_each_transformers_family():
+    row = lambda *finals: {"seeds": list(range(len(finals))), "map": [[0.0, f] for f in finals]}  # noqa: E731
+    rows = {"best": row(0.6), "deformable": row(0.2), "transformers-detr": row(0.1),
+            "transformers-deformable": row(0.2), "transformers-deformable-two-stage": row(0.25, 0.35)}
+    lines = bench.verdicts(rows)
+    assert "best / transformers-detr: 6.00x" in lines
+    assert "best / the better of Deformable DETR plain / two-stage (transformers-deformable-two-stage): 2.00x" in lines
+    assert "same recipe: deformable 0.2000 vs transformers-deformable 0.2000: +0.0000 (within noise)" in lines
