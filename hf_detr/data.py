@@ -43,7 +43,7 @@ from .coco_checks import INT64_MAX, INT64_MIN, check_coco_json
 from .images import UNREADABLE_IMAGE_ERRORS, displayed_size
 
 # Re-exported: the training script gets everything data-related from this module.
-from .synthetic import SYNTHETIC_CATEGORIES, make_synthetic_coco, synthetic_dataset  # noqa: F401
+from .synthetic import SYNTHETIC_CATEGORIES, SYNTHETIC_STYLES, make_synthetic_coco, synthetic_dataset  # noqa: F401
 from .transforms import (  # noqa: F401
     DataStats,
     DetectionDataset,
