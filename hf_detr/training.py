@@ -5,9 +5,9 @@
     result = train_loop(accelerator, model, optimizer, scheduler, loader, max_train_steps=1000, seed=42,
                         after_step=lambda step, entry, last: ...)   # checkpoints, evaluations, timing
 
-Also here: the built-in run's model and both runs' defaults (`SMALL_MODEL`, `run_defaults`), the check of
-a run's arguments (`check_run_arguments`, before anything is built), a checkpoint loaded for fine-tuning
-with its class head rows following the dataset's classes by name (`load_for_fine_tuning`) and the guard
+Also here: the built-in run's model and both runs' defaults (`SMALL_MODEL`, `small_model`, `run_defaults`),
+the check of a run's arguments (`check_run_arguments`, before anything is built), a checkpoint loaded for
+fine-tuning with its class head rows following the dataset's classes by name (`load_for_fine_tuning`) and the guard
 that skips an optimizer step whose loss or gradient is not finite (`NonFiniteStepGuard`). Checkpoints, the
 best model and resuming are in `hf_detr.checkpoints`, the output folder in `hf_detr.run_folder`. Training
 side: never imported by the model surface.
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, SchedulerType, get_scheduler
 
 from .data import CategoryMap, default_num_workers
+from .synthetic import SYNTHETIC_STYLES
 from .heads import HfDetrHeads, start_at_prior
 from .labels import class_head_rows, label_names
 from .modeling_hf_detr import HfDetrForObjectDetection
@@ -51,6 +52,13 @@ SMALL_MODEL = dict(
     query_type="anchor", class_loss="focal", class_cost=3.0, ce_loss_coefficient=2.0, num_query_groups=6,
     num_denoising_queries=40,
 )  # fmt: skip
+
+
+def small_model(synthetic_style: str = "shapes") -> dict:
+    """`SMALL_MODEL` for a style of the built-in data: at least 1.5 queries per object of its fullest image (the
+    matcher gives every object a query of its own): 10 on "shapes" (up to 4 objects), 30 on "clutter" (up to 20)."""
+    most = SYNTHETIC_STYLES[synthetic_style].max_objects
+    return {**SMALL_MODEL, "num_queries": max(SMALL_MODEL["num_queries"], math.ceil(1.5 * most))}
 
 # transformers' schedulers (get_scheduler) that need nothing but the step count; "step" is DETR's 10x drop
 LR_SCHEDULERS = ["step"] + [t.value for t in SchedulerType if t.value not in ("reduce_lr_on_plateau", "greedy")]

@@ -3,25 +3,34 @@
     python scripts/benchmark_convergence.py                      # every contender, 500 steps, built-in data
     python scripts/benchmark_convergence.py --contenders detr,best,transformers-detr --seed 1
     python scripts/benchmark_convergence.py --quick              # tiny sizes: checks every contender runs (seconds)
+    python scripts/benchmark_convergence.py --synthetic_style clutter   # the second built-in data set
     python scripts/benchmark_convergence.py --dataset_name /data/coco --budget_steps 20000
 
-Method. Every contender trains through scripts/train.py's loop (`hf_detr.training.train_loop`) on the
-same data, in the same order for a given seed, with the same augmentation, image size, batch, optimiser
-(AdamW, one learning rate for the backbone and one for the rest, weight decay, gradient clipping), LR
-schedule (stretched over the budget) and number of steps: the built-in run's recipe
-(`hf_detr.training.run_defaults(built_in=True)`, the sizes of `hf_detr.training.SMALL_MODEL`). Every model has the same backbone (a ResNet trained from scratch with
-live batch norm), width, layer counts and number of queries. hf_detr contenders are `HfDetrConfig` values
-(`HF_CONTENDERS`); transformers' `DetrForObjectDetection`, `ConditionalDetrForObjectDetection`,
-`DabDetrForObjectDetection` and `DeformableDetrForObjectDetection` (plain, and two-stage with box refinement)
-are built at the same sizes with their own losses, matchers and defaults (`TRANSFORMERS_CONTENDERS`); their
-backbone is swapped for the same live-BN ResNet, all of it trained (transformers freezes an AutoBackbone
-ResNet's batch norms, and DETR / Conditional DETR all of its weights, which at random init would leave them a
-random frozen backbone). Multi-scale contenders (hf_detr's and transformers' Deformable DETR) read the small
-backbone's stages and one stride-2 level beyond (`LEVELS`). COCO mAP (pycocotools,
-`hf_detr.evaluation.evaluate_model`) is measured at `--num_evals` evenly spaced points of the budget. The
-top contenders are trained again with further seeds (`--spread_seeds`); their rows show the mean and the
-range. Runs go `--jobs` at a time in subprocesses of `--threads` threads each; time per step (training
-only, data loading included, evaluation excluded) is a side column: it depends on what else runs.
+Method. Every contender trains through scripts/train.py's loop (`hf_detr.training.train_loop`) on the same
+data, in the same order for a given seed, with the same augmentation, image size, batch, optimiser (AdamW, one
+learning rate for the backbone and one for the rest, weight decay, gradient clipping), LR schedule (stretched
+over the budget) and number of steps: the built-in run's recipe
+(`hf_detr.training.run_defaults(built_in=True)`, the sizes of `hf_detr.training.small_model`). Every model has
+the same backbone (a ResNet trained from scratch with live batch norm), width, layer counts and number of
+queries. hf_detr contenders are `HfDetrConfig` values (`HF_CONTENDERS`); transformers'
+`DetrForObjectDetection`, `ConditionalDetrForObjectDetection`, `DabDetrForObjectDetection` and
+`DeformableDetrForObjectDetection` (plain, and two-stage with box refinement) are built at the same sizes with
+their own losses, matchers and defaults (`TRANSFORMERS_CONTENDERS`); their backbone is swapped for the same
+live-BN ResNet, all of it trained (transformers freezes an AutoBackbone ResNet's batch norms, and DETR /
+Conditional DETR all of its weights, which at random init would leave them a random frozen backbone).
+Multi-scale contenders (hf_detr's and transformers' Deformable DETR) read the small backbone's stages and one
+stride-2 level beyond (`LEVELS`). COCO mAP (pycocotools, `hf_detr.evaluation.evaluate_model`) is measured at
+`--num_evals` evenly spaced points of the budget. The top contenders are trained again with further seeds
+(`--spread_seeds`); their rows show the mean and the range. Runs go `--jobs` at a time in subprocesses of
+`--threads` threads each; time per step (training only, data loading included, evaluation excluded) is a side
+column: it depends on what else runs.
+
+Data. The built-in synthetic data comes from one of two generators (`--synthetic_style`,
+`hf_detr.synthetic.SYNTHETIC_STYLES`): "shapes" (the default), the set the recipe was tuned on: 1-4 rectangles,
+ellipses and triangles of 15-50% of the image side per image; "clutter", to check that a ranking holds on data
+nobody tuned on: 1-20 stars, rings, diamonds and bars per image, most of them 8-24 px at 128 px, on varied
+backgrounds with stripes, soft blobs and lines that are not objects (the models get 30 queries there, not 10).
+The report's title names the data.
 """
 
 import argparse
@@ -113,9 +122,10 @@ def recipe_defaults() -> dict:
 def resolve_settings(args) -> dict:
     """Everything a run depends on, from the built-in run's defaults and the arguments (one JSON dict)."""
     defaults = training.run_defaults(built_in=True)
-    sizes = {k: v for k, v in training.SMALL_MODEL.items() if k not in RECIPE_FIELDS}
+    sizes = {k: v for k, v in training.small_model(args.synthetic_style).items() if k not in RECIPE_FIELDS}
     settings = dict(
-        dataset_name=args.dataset_name, train_split=args.train_split, eval_split=args.eval_split,
+        dataset_name=args.dataset_name, synthetic_style=args.synthetic_style, train_split=args.train_split,
+        eval_split=args.eval_split,
         image_size=args.image_size or defaults["image_size"], max_size=args.image_size or defaults["max_size"],
         augmentation=defaults["augmentation"], batch_size=args.per_device_train_batch_size or defaults["per_device_train_batch_size"],
         eval_batch_size=defaults["per_device_eval_batch_size"], learning_rate=args.learning_rate or defaults["learning_rate"],
@@ -139,12 +149,14 @@ _DATA: dict[str, tuple] = {}  # loaded once per process
 def load_data(settings: dict):
     """-> (train, eval) Hub-schema datasets and the CategoryMap: the built-in data (where scripts/train.py
     writes it) or a dataset's splits, loaded as scripts/train.py loads them."""
-    names = ("dataset_name", "train_split", "eval_split", "synthetic_train_images", "synthetic_val_images", "synthetic_image_size")
+    names = ("dataset_name", "synthetic_style", "train_split", "eval_split", "synthetic_train_images",
+             "synthetic_val_images", "synthetic_image_size")  # fmt: skip
     key = json.dumps([settings[k] for k in names] + [os.environ.get("HF_DETR_CACHE")])
     if key not in _DATA:
         if settings["dataset_name"] is None:
             sizes = (settings["synthetic_train_images"], settings["synthetic_val_images"], settings["synthetic_image_size"])
-            splits = detr_data.load_splits(detr_data.synthetic_dataset(*sizes), "train", "val")
+            root = detr_data.synthetic_dataset(*sizes, style=settings["synthetic_style"])
+            splits = detr_data.load_splits(root, "train", "val")
         else:
             splits = detr_data.load_splits(settings["dataset_name"], settings["train_split"], settings["eval_split"])
         _DATA[key] = splits.train, splits.eval, splits.categories
@@ -434,6 +446,11 @@ def schedule(settings: dict) -> str:
     return f"{settings['lr_scheduler_type']} schedule{warmup}"
 
 
+def data_name(settings: dict) -> str:
+    """The data the runs train on, for the report: the dataset's name, or the built-in data and its style."""
+    return settings["dataset_name"] or f"built-in synthetic data ({settings['synthetic_style']})"
+
+
 def machine_line(threads: int, jobs: int) -> str:
     import transformers
 
@@ -456,6 +473,9 @@ def main(argv=None):
     parser.add_argument("--spread_seeds", type=int, default=2, help="seeds for the top contenders (seed, seed + 1, ...)")
     parser.add_argument("--spread_top", type=int, default=1, help="top hf_detr contenders (and the top transformers one) given --spread_seeds")
     parser.add_argument("--dataset_name", default=None, help="a local COCO folder or Hub dataset; default: the built-in synthetic data")
+    parser.add_argument("--synthetic_style", default="shapes", choices=list(detr_data.SYNTHETIC_STYLES),
+                        help="the built-in data's generator (no --dataset_name): shapes (what the recipe was tuned "
+                             "on) or clutter")  # fmt: skip
     parser.add_argument("--train_split", default=None)
     parser.add_argument("--eval_split", default=None)
     parser.add_argument("--image_size", type=int, default=None, help="default: the built-in run's (128)")
@@ -483,7 +503,8 @@ def main(argv=None):
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(machine_line(threads, jobs), flush=True)
-    print(f"budget {settings['budget_steps']} steps, batch {settings['batch_size']} at {settings['image_size']} px, "
+    print(f"data: {data_name(settings)}; budget {settings['budget_steps']} steps, "
+          f"batch {settings['batch_size']} at {settings['image_size']} px, "
           f"lr {settings['learning_rate']:g} (backbone {settings['backbone_learning_rate']:g}), {schedule(settings)}; "
           f"evaluations at steps {eval_steps(settings)}", flush=True)  # fmt: skip
 
@@ -498,7 +519,7 @@ def main(argv=None):
         rows = summarise(results)
     wall = time.perf_counter() - started
 
-    title = (f"{settings['dataset_name'] or 'built-in synthetic data'}: batch {settings['batch_size']} at "
+    title = (f"{data_name(settings)}: batch {settings['batch_size']} at "
              f"{settings['image_size']} px, {settings['budget_steps']} steps, seed {args.seed}")  # fmt: skip
     report = "\n".join([f"COCO mAP at an equal budget ({title})", "", table(rows), "", *verdicts(rows),
                         f"total {wall:.0f} s ({wall / 60:.1f} min)"])  # fmt: skip

@@ -1,6 +1,7 @@
 """Train hf_detr with accelerate.
 
     accelerate launch scripts/train.py                      # built-in synthetic dataset, small model, CPU-friendly
+    accelerate launch scripts/train.py --synthetic_style clutter   # the second built-in set (not the one tuned on)
     accelerate launch scripts/train.py --dataset_name detection-datasets/coco --output_dir detr-coco
     accelerate launch scripts/train.py --dataset_name /data/coco --train_split train2017 --eval_split val2017
 
@@ -117,6 +118,10 @@ def parse_args(argv=None):
     p.add_argument("--sdpa_backend", default=None, choices=sorted(SDPA_BACKENDS), help="pin the attention kernel")
     p.add_argument("--synthetic_train_images", type=int, default=None)
     p.add_argument("--synthetic_val_images", type=int, default=None)
+    p.add_argument("--synthetic_style", default="shapes", choices=list(detr_data.SYNTHETIC_STYLES),
+                   help="the built-in data's generator (no --dataset_name): shapes, the data the built-in recipe "
+                        "was tuned on; clutter, other shapes, 1-20 per image, mostly small, on cluttered "
+                        "backgrounds (30 queries)")  # fmt: skip
     args = p.parse_args(argv)
     try:
         return training.check_run_arguments(args)
@@ -141,7 +146,9 @@ def load_data(args, accelerator):
         kwargs["categories"] = detr_data.CategoryMap.from_names([label.strip() for label in args.label_names.split(",")])
     with accelerator.main_process_first():  # one process writes or downloads the data, the others read its cache
         if args.dataset_name is None:
-            name, dataset_label = detr_data.synthetic_dataset(args.synthetic_train_images, args.synthetic_val_images), "hf_detr synthetic shapes"
+            sizes = (args.synthetic_train_images, args.synthetic_val_images)
+            name = detr_data.synthetic_dataset(*sizes, style=args.synthetic_style)
+            dataset_label = f"hf_detr synthetic {args.synthetic_style}"
             args.train_split, args.eval_split = "train", "val"
         splits = detr_data.load_splits(name, args.train_split, args.eval_split, train_val_split=args.train_val_split, seed=args.seed, **kwargs)
     args.train_split, args.eval_split = splits.train_split, splits.eval_split
@@ -180,7 +187,7 @@ def build_model(args, categories):
             trust_remote_code=args.trust_remote_code, **kwargs,
         )  # fmt: skip
     if config is None and args.dataset_name is None:
-        config = hf_detr.HfDetrConfig(**{**training.SMALL_MODEL, **labels, **overrides})
+        config = hf_detr.HfDetrConfig(**{**training.small_model(args.synthetic_style), **labels, **overrides})
     elif config is None:
         config = hf_detr.HfDetrConfig(**{"use_pretrained_backbone": True, "backbone_checkpoint": args.backbone_checkpoint, **labels, **overrides})
     return hf_detr.HfDetrForObjectDetection(config)

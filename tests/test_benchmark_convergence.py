@@ -19,9 +19,13 @@ import benchmark_convergence as bench  # noqa: E402
 
 @pytest.fixture
 def quick_settings():
-    args = argparse.Namespace(dataset_name=None, train_split=None, eval_split=None, image_size=None, per_device_train_batch_size=None,
-                              learning_rate=None, budget_steps=1500, num_evals=5, quick=True)  # fmt: skip
-    return bench.resolve_settings(args)
+    return bench.resolve_settings(quick_args())
+
+
+def quick_args(**overrides) -> argparse.Namespace:
+    args = dict(dataset_name=None, synthetic_style="shapes", train_split=None, eval_split=None, image_size=None,
+                per_device_train_batch_size=None, learning_rate=None, budget_steps=1500, num_evals=5, quick=True)  # fmt: skip
+    return argparse.Namespace(**{**args, **overrides})
 
 
 def test_every_contender_has_the_same_sizes_and_backbone(quick_settings, tmp_path):
@@ -52,6 +56,20 @@ def test_the_default_run_trains_the_winning_recipe():
 
     recipe = {field: SMALL_MODEL.get(field, default) for field, default in bench.recipe_defaults().items()}
     assert recipe == {**bench.recipe_defaults(), **bench.HF_CONTENDERS[bench.DEFAULT_RECIPE]}
+
+
+def test_synthetic_style_picks_the_data_the_queries_and_the_reports_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DETR_CACHE", str(tmp_path))
+    shapes, clutter = bench.resolve_settings(quick_args()), bench.resolve_settings(quick_args(synthetic_style="clutter"))
+    assert bench.data_name(shapes) == "built-in synthetic data (shapes)"
+    assert bench.data_name(clutter) == "built-in synthetic data (clutter)"
+    assert bench.data_name(bench.resolve_settings(quick_args(dataset_name="/data/coco"))) == "/data/coco"
+    assert (shapes["model"]["num_queries"], clutter["model"]["num_queries"]) == (10, 30)
+    assert bench.run_key(shapes, "detr") != bench.run_key(clutter, "detr")  # --resume never mixes the two
+    assert bench.load_data(clutter)[2].names == ["star", "ring", "diamond", "bar"]
+    assert bench.load_data(shapes)[2].names == ["rectangle", "ellipse", "triangle"]
+    with pytest.raises(SystemExit):  # argparse's error, before anything trains
+        bench.main(["--synthetic_style", "stripes"])
 
 
 def run(tmp_path, *args):

@@ -98,6 +98,62 @@ def test_synthetic_colours_do_not_give_away_the_class(tmp_path):
     assert np.abs(means - means.mean(0)).max() < 45
 
 
+def _coco_rows(root: Path) -> list[dict]:
+    return load_coco_folder(root, "train").dataset.remove_columns("image").to_list()
+
+
+def test_the_clutter_style_is_deterministic_with_small_objects_of_its_own_classes_and_more_per_image(tmp_path):
+    from hf_detr.synthetic import CLUTTER_CATEGORIES, SYNTHETIC_CATEGORIES
+
+    kwargs = dict(num_train=40, num_val=2, image_size=128, seed=3)
+    a = make_synthetic_coco(tmp_path / "a", style="clutter", **kwargs)
+    b = make_synthetic_coco(tmp_path / "b", style="clutter", **kwargs)
+    c = make_synthetic_coco(tmp_path / "c", style="clutter", **{**kwargs, "seed": 4})
+    for name in ("annotations/instances_train.json", "annotations/instances_val.json", "train/000007.jpg"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert (a / "train/000007.jpg").read_bytes() != (c / "train/000007.jpg").read_bytes()
+
+    train, categories = load_coco_folder(a, "train")
+    assert train.features == DETECTION_FEATURES
+    assert categories.category_ids == sorted(CLUTTER_CATEGORIES.values())
+    assert set(categories.names) == set(CLUTTER_CATEGORIES)
+    assert not set(CLUTTER_CATEGORIES) & set(SYNTHETIC_CATEGORIES)  # other names
+    assert not set(CLUTTER_CATEGORIES.values()) & set(SYNTHETIC_CATEGORIES.values())  # and other ids
+    rows = _coco_rows(a)
+    boxes = np.array([box for r in rows for box in r["objects"]["bbox"]])
+    areas = np.array([area for r in rows for area in r["objects"]["area"]])
+    assert {c for r in rows for c in r["objects"]["category"]} == set(CLUTTER_CATEGORIES.values())
+    x, y, w, h = boxes.T
+    assert (x >= 0).all() and (y >= 0).all() and (x + w <= 128).all() and (y + h <= 128).all()  # in the image
+    assert (w >= 2).all() and (h >= 2).all() and (areas > 0).all() and (areas <= w * h).all()  # no degenerate box
+    longer = np.maximum(w, h)
+    assert ((longer >= 8) & (longer <= 24)).mean() > 0.4 and longer.max() > 40  # mostly small, some large
+
+    counts = [len(r["objects"]["bbox"]) for r in rows]
+    shapes_counts = [len(r["objects"]["bbox"]) for r in _coco_rows(make_synthetic_coco(tmp_path / "shapes", **kwargs))]
+    assert max(counts) > 10 and np.mean(counts) > 2 * np.mean(shapes_counts)
+
+    with pytest.raises(ValueError, match="unknown synthetic style 'stripes'; known: \\['shapes', 'clutter'\\]"):
+        make_synthetic_coco(tmp_path / "d", style="stripes")
+    with pytest.raises(ValueError, match="shapes \\['rectangle'\\] are not the 'clutter' style's"):
+        make_synthetic_coco(tmp_path / "d", style="clutter", shapes=["star", "rectangle"])
+
+
+def test_the_default_style_writes_what_it_wrote_before_the_clutter_style(tmp_path):
+    """The built-in recipe was tuned on the "shapes" set: adding a style must leave it byte for byte as it was.
+    The hashes were computed with the code of commit 47df198 (hf_detr/data.py, before a second style existed).
+    The JPEG bytes also depend on Pillow's JPEG encoder: if only that hash moves after a Pillow upgrade, compute
+    it again with that commit's make_synthetic_coco."""
+    import hashlib
+
+    root = make_synthetic_coco(tmp_path / "s", num_train=6, num_val=2, image_size=64, seed=5)
+    splits = ("train", "val")
+    annotations = b"".join((root / "annotations" / f"instances_{s}.json").read_bytes() for s in splits)
+    jpegs = b"".join(p.read_bytes() for s in splits for p in sorted((root / s).glob("*.jpg")))
+    assert hashlib.sha256(annotations).hexdigest() == "5272bf2e1ddda4d8397002cc1a625faecc0ae06d23dd500dcc031cf31119699b"
+    assert hashlib.sha256(jpegs).hexdigest() == "8a2266db1d6f0fbf86bbaa1a3009327f1b6ea933610f6424ddc7db47ea7f16d5"
+
+
 def test_category_map_round_trip_with_sparse_ids():
     cats = CategoryMap.from_coco([{"id": 7, "name": "c"}, {"id": 1, "name": "a"}, {"id": 3, "name": "b"}])
     assert cats.category_ids == [1, 3, 7] and cats.names == ["a", "b", "c"]
@@ -465,6 +521,13 @@ def test_the_built_in_dataset_is_written_once_under_the_cache(tmp_path, monkeypa
     marker = (root / "synthetic_done.json").stat().st_mtime_ns
     assert synthetic_dataset(4, 2, image_size=32) == root and (root / "synthetic_done.json").stat().st_mtime_ns == marker
     assert synthetic_dataset(4, 2).name == "synthetic-4-2"  # the built-in run's 128 pixels: no suffix
+
+    # Each style in a folder of its own: neither set overwrites the other, nor is read for the other.
+    clutter = synthetic_dataset(4, 2, image_size=32, style="clutter")
+    assert clutter == tmp_path / "synthetic-clutter-4-2-32px" and synthetic_dataset(4, 2, image_size=32) == root
+    assert load_coco_folder(clutter, "train").categories.names == ["star", "ring", "diamond", "bar"]
+    assert load_coco_folder(root, "train").categories.names == ["rectangle", "ellipse", "triangle"]
+    assert (root / "synthetic_done.json").stat().st_mtime_ns == marker
 
 
 # --- splits of a local COCO folder ----------------------------------------------------------------------

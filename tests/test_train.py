@@ -253,6 +253,29 @@ def test_the_lr_drop_defaults_to_detrs_with_a_dataset_and_to_the_built_in_runs_w
     assert fraction("--lr_drop_fraction", "0.5") == fraction("--dataset_name", "/data/coco", "--lr_drop_fraction", "0.5") == 0.5
 
 
+def test_synthetic_style_picks_the_built_in_data_and_enough_queries_for_it(tmp_path, monkeypatch, capsys):
+    """--synthetic_style (no --dataset_name) reaches the data, the model card's dataset label and the model's
+    queries; the default is the set the built-in recipe was tuned on, with the model as it was."""
+    from accelerate import PartialState
+
+    monkeypatch.setenv("HF_DETR_CACHE", str(tmp_path))
+    PartialState(cpu=True)  # train.py logs through accelerate's logger
+    train_script = load_train_script()
+    sizes = ["--synthetic_train_images", "3", "--synthetic_val_images", "2"]
+    for argv, names, label, num_queries in (
+        ([], ["rectangle", "ellipse", "triangle"], "hf_detr synthetic shapes", 10),
+        (["--synthetic_style", "clutter"], ["star", "ring", "diamond", "bar"], "hf_detr synthetic clutter", 30),
+    ):
+        args = train_script.apply_defaults(train_script.parse_args(sizes + argv))
+        (train, _), categories, dataset_label = train_script.load_data(args, PartialState())
+        assert (categories.names, dataset_label, len(train)) == (names, label, 3)
+        assert train_script.build_model(args, categories).config.num_queries == num_queries
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic-3-2", "synthetic-clutter-3-2"]
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--synthetic_style", "stripes"])
+    assert "invalid choice: 'stripes'" in capsys.readouterr().err
+
+
 def test_help_lists_the_example_scripts_argument_names():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
