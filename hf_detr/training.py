@@ -60,6 +60,7 @@ def small_model(synthetic_style: str = "shapes") -> dict:
     most = SYNTHETIC_STYLES[synthetic_style].max_objects
     return {**SMALL_MODEL, "num_queries": max(SMALL_MODEL["num_queries"], math.ceil(1.5 * most))}
 
+
 # transformers' schedulers (get_scheduler) that need nothing but the step count; "step" is DETR's 10x drop
 LR_SCHEDULERS = ["step"] + [t.value for t in SchedulerType if t.value not in ("reduce_lr_on_plateau", "greedy")]
 
