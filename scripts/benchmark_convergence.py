@@ -415,24 +415,29 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
 
 
 def plot(rows: dict[str, dict], path: Path, title: str):
+    """mAP against training steps (left) and against training seconds (right: each evaluation's step times the
+    contender's measured seconds per step, evaluation excluded), the mean over seeds and their range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 4.8), dpi=100)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=100, sharey=True)
     colours = plt.get_cmap("tab20").colors  # one colour per contender: the default cycle has 10
     for i, (name, row) in enumerate(sorted(rows.items(), key=lambda item: -final(item[1]))):
         curves = list(zip(*row["map"]))
-        line, = axis.plot(row["steps"], [mean(v) for v in curves], marker="o", markersize=3, label=f"{name} ({len(row['seeds'])} seeds)" if len(row["seeds"]) > 1 else name,
-                          linestyle="--" if name in TRANSFORMERS_CONTENDERS else "-", color=colours[i % len(colours)])  # fmt: skip
-        if len(row["seeds"]) > 1:
-            axis.fill_between(row["steps"], [min(v) for v in curves], [max(v) for v in curves], color=line.get_color(), alpha=0.15)
-    axis.set_xlabel("training steps")
-    axis.set_ylabel("COCO mAP (val)")
-    axis.set_title(title, fontsize=9)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        label = f"{name} ({len(row['seeds'])} seeds)" if len(row["seeds"]) > 1 else name
+        style = dict(marker="o", markersize=3, linestyle="--" if name in TRANSFORMERS_CONTENDERS else "-", color=colours[i % len(colours)])
+        for axis, x in zip(axes, (row["steps"], [step * mean(row["sps"]) for step in row["steps"]])):
+            axis.plot(x, [mean(v) for v in curves], label=label, **style)
+            if len(row["seeds"]) > 1:
+                axis.fill_between(x, [min(v) for v in curves], [max(v) for v in curves], color=style["color"], alpha=0.15)
+    for axis, what in zip(axes, ("training steps", "training seconds (evaluation excluded)")):
+        axis.set_xlabel(what)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("COCO mAP (val)")
+    figure.suptitle(title, fontsize=9)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
