@@ -19,11 +19,12 @@ their own losses, matchers and defaults (`TRANSFORMERS_CONTENDERS`); their backb
 live-BN ResNet, all of it trained (transformers freezes an AutoBackbone ResNet's batch norms, and DETR /
 Conditional DETR all of its weights, which at random init would leave them a random frozen backbone).
 Multi-scale contenders (hf_detr's and transformers' Deformable DETR) read the small backbone's stages and one
-stride-2 level beyond (`LEVELS`). COCO mAP (pycocotools, `hf_detr.evaluation.evaluate_model`) is measured at
+stride-2 level beyond (`LEVELS`). The `+ema` contenders train their recipe alike and evaluate an EMA of its
+weights (`EMA_CONTENDERS`, `ema_settings`). COCO mAP (pycocotools, `hf_detr.evaluation.evaluate_model`) is measured at
 `--num_evals` evenly spaced points of the budget. The top contenders are trained again with further seeds
 (`--spread_seeds`); their rows show the mean and the range. Runs go `--jobs` at a time in subprocesses of
 `--threads` threads each; time per step (training only, data loading included, evaluation excluded) is a side
-column: it depends on what else runs.
+column: it depends on what else runs. The plot shows mAP against steps and against training seconds.
 
 Data. The built-in synthetic data comes from one of two generators (`--synthetic_style`,
 `hf_detr.synthetic.SYNTHETIC_STYLES`): "shapes" (the default), the set the recipe was tuned on: 1-4 rectangles,
@@ -53,6 +54,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 import hf_detr
 from hf_detr import data as detr_data
 from hf_detr import training
+from hf_detr.ema import ExponentialMovingAverage
 from hf_detr.evaluation import evaluate_model
 
 # The config fields a contender may set; everything else comes from the built-in run's SMALL_MODEL.
@@ -94,7 +96,18 @@ HF_CONTENDERS.update({
     "deformable-two-stage": dict(DEFORMABLE, with_box_refine=True, two_stage=True),
     # the best recipe on multi-scale deformable attention: DN-Deformable-DETR with groups
     "best-deformable": dict(HF_CONTENDERS["best"], num_feature_levels=LEVELS, encoder_attention="deformable", decoder_cross_attention="deformable"),
+    # DINO: deformable attention, mixed query selection (the encoder's best proposals as anchors, learned content),
+    # contrastive denoising with DINO's noise, look-forward-twice; DINO's focal loss weight 1 and class cost 2
+    "dino": dict(
+        num_feature_levels=LEVELS, encoder_attention="deformable", query_type="anchor", decoder_cross_attention="deformable",
+        two_stage=True, num_denoising_queries=40, denoising_contrastive=True, denoising_label_noise=0.5, denoising_box_noise=1.0,
+        look_forward_twice=True, class_loss="focal", class_cost=2.0, position_embedding_offset=0.5,
+    ),
 })  # fmt: skip
+# the same recipes trained with an EMA of the weights (`hf_detr.ema`, scripts/train.py's --ema_decay), which every
+# evaluation uses; its decay and warm-up follow the budget (`ema_settings`)
+EMA_CONTENDERS = {f"{name}+ema": name for name in ("best", "best-deformable", "dino")}
+HF_CONTENDERS.update({ema: HF_CONTENDERS[name] for ema, name in EMA_CONTENDERS.items()})
 DEFAULT_RECIPE = "best"  # the contender whose values scripts/train.py's built-in run uses (tested)
 TRANSFORMERS_CONTENDERS = ("transformers-detr", "transformers-conditional", "transformers-dab", "transformers-deformable", "transformers-deformable-two-stage")
 # each transformers model and the hf_detr contender with its recipe, for the "same recipe" comparison
@@ -231,6 +244,13 @@ def build_model(name: str, settings: dict, categories):
 # -------------------------------------------------------------------------------------------- training
 
 
+def ema_settings(settings: dict) -> dict:
+    """The EMA of the +ema contenders: an average over about the last tenth of the budget (RT-DETR's 0.9999 spans
+    10k of its ~90k steps), its decay warmed up over the first tenth."""
+    budget = settings["budget_steps"]
+    return dict(decay=1 - 10 / max(budget, 20), warmup_steps=max(1, budget // 10))
+
+
 def eval_steps(settings: dict) -> list[int]:
     budget, n = settings["budget_steps"], settings["num_evals"]
     return sorted({max(1, round(budget * (i + 1) / n)) for i in range(n)})
@@ -251,6 +271,7 @@ def train_run(name: str, seed: int, settings: dict, log=print) -> dict:
     # train.py's optimizer (AdamW, the backbone's rate apart) and the built-in run's schedule, for every contender
     optimizer = training.build_optimizer(model, settings["learning_rate"], settings["backbone_learning_rate"], settings["weight_decay"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    ema = ExponentialMovingAverage(accelerator.unwrap_model(model), **ema_settings(settings)) if name in EMA_CONTENDERS else None
     scheduler = accelerator.prepare(training.build_scheduler(
         optimizer, settings["lr_scheduler_type"], budget, settings["num_warmup_steps"], settings["lr_drop_fraction"], accelerator.num_processes
     ))  # fmt: skip
@@ -262,7 +283,8 @@ def train_run(name: str, seed: int, settings: dict, log=print) -> dict:
             losses.append(entry["loss"])
         if step in points:
             clock["train"] += time.perf_counter() - clock["since"]
-            metrics = evaluate_model(accelerator.unwrap_model(model), processor, val_data, categories, batch_size=settings["eval_batch_size"],
+            evaluated = ema.module if ema is not None else accelerator.unwrap_model(model)
+            metrics = evaluate_model(evaluated, processor, val_data, categories, batch_size=settings["eval_batch_size"],
                                      accelerator=accelerator, progress=False)  # fmt: skip
             evals.append({"step": step, **{k: metrics[k] for k in ("map", "map_50", "map_75")}})
             log(f"  {name} seed {seed} step {step}: map {metrics['map']:.4f}, map_50 {metrics['map_50']:.4f}, "
@@ -272,7 +294,7 @@ def train_run(name: str, seed: int, settings: dict, log=print) -> dict:
     # a contender that diverges is counted, not stopped: its steps are skipped up to the end of the budget
     result = training.train_loop(accelerator, model, optimizer, scheduler, loader, max_train_steps=budget, seed=seed,
                                  max_grad_norm=settings["max_grad_norm"], max_consecutive_nonfinite_steps=budget + 1,
-                                 after_step=after_step, progress=False)  # fmt: skip
+                                 after_step=after_step, progress=False, ema=ema)  # fmt: skip
     return dict(contender=name, seed=seed, evals=evals, final_loss=sum(losses[-50:]) / max(1, len(losses[-50:])),
                 seconds_per_step=clock["train"] / max(1, result.steps), skipped_steps=result.skipped_nonfinite_steps,
                 parameters=sum(p.numel() for p in model.parameters()))  # fmt: skip
@@ -283,7 +305,7 @@ def train_run(name: str, seed: int, settings: dict, log=print) -> dict:
 
 def run_key(settings: dict, name: str) -> str:
     """What a run's result depends on: the settings and the contender's definition."""
-    spec = [settings, HF_CONTENDERS.get(name, name)]
+    spec = [settings, HF_CONTENDERS.get(name, name)] + ([ema_settings(settings)] if name in EMA_CONTENDERS else [])
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -115,3 +115,25 @@ def test_verdicts_compare_the_best_recipe_with_each_transformers_family():
     assert "best / transformers-detr: 6.00x" in lines
     assert "best / the better of Deformable DETR plain / two-stage (transformers-deformable-two-stage): 2.00x" in lines
     assert "same recipe: deformable 0.2000 vs transformers-deformable 0.2000: +0.0000 (within noise)" in lines
+
+
+def test_ema_contenders_train_alike_and_evaluate_the_average(quick_settings, tmp_path, monkeypatch):
+    """A +ema contender trains exactly as its recipe (same seed: same losses) and every evaluation gets the
+    average's frozen copy, not the trained model; its run key tells them apart."""
+    monkeypatch.setenv("HF_DETR_CACHE", str(tmp_path))
+    evaluated = []
+
+    def fake_evaluate(model, *args, **kwargs):
+        evaluated.append({n: p.detach().clone() for n, p in model.named_parameters()} | {"trained": any(p.requires_grad for p in model.parameters())})
+        return {"map": 0.0, "map_50": 0.0, "map_75": 0.0}
+
+    monkeypatch.setattr(bench, "evaluate_model", fake_evaluate)
+    plain = bench.train_run("best", 0, quick_settings, log=lambda s: None)
+    plain_evals, evaluated[:] = list(evaluated), []
+    averaged = bench.train_run("best+ema", 0, quick_settings, log=lambda s: None)
+    assert averaged["final_loss"] == plain["final_loss"]
+    assert all(e["trained"] for e in plain_evals) and not any(e["trained"] for e in evaluated)
+    last_plain, last_average = plain_evals[-1], evaluated[-1]
+    assert any(not torch.equal(last_plain[n], last_average[n]) for n in last_plain if n != "trained")
+    assert bench.run_key(quick_settings, "best+ema") != bench.run_key(quick_settings, "best")
+    assert set(bench.EMA_CONTENDERS) <= set(bench.CONTENDERS) and bench.HF_CONTENDERS["best+ema"] == bench.HF_CONTENDERS["best"]
