@@ -18,9 +18,10 @@ queries. hf_detr contenders are `HfDetrConfig` values (`HF_CONTENDERS`); transfo
 their own losses, matchers and defaults (`TRANSFORMERS_CONTENDERS`); their backbone is swapped for the same
 live-BN ResNet, all of it trained (transformers freezes an AutoBackbone ResNet's batch norms, and DETR /
 Conditional DETR all of its weights, which at random init would leave them a random frozen backbone).
-Multi-scale contenders (hf_detr's and transformers' Deformable DETR) read the small backbone's stages and one
-stride-2 level beyond (`LEVELS`). The `+ema` contenders train their recipe alike and evaluate an EMA of its
-weights (`EMA_CONTENDERS`, `ema_settings`). COCO mAP (pycocotools, `hf_detr.evaluation.evaluate_model`) is measured at
+Multi-scale contenders (hf_detr's and transformers' Deformable DETR) read 4 levels of strides 8-64 as Deformable
+DETR does: the small backbone's last two stages and two stride-2 levels beyond (`LEVELS`, `LEVEL_STAGES`). The
+`+ema` contenders train their recipe alike and evaluate an EMA of its weights (`EMA_CONTENDERS`, `ema_settings`).
+COCO mAP (pycocotools, `hf_detr.evaluation.evaluate_model`) is measured at
 `--num_evals` evenly spaced points of the budget. The top contenders are trained again with further seeds
 (`--spread_seeds`); their rows show the mean and the range. Runs go `--jobs` at a time in subprocesses of
 `--threads` threads each; time per step (training only, data loading included, evaluation excluded) is a side
@@ -66,8 +67,9 @@ RECIPE_FIELDS = (
     "num_feature_levels", "encoder_attention", "decoder_cross_attention", "encoder_n_points", "decoder_n_points",
     "with_box_refine", "two_stage", "position_embedding_offset", "decoder_final_norm",
 )  # fmt: skip
-# Several feature levels: the small backbone's stages (its last min(levels, stages) ones) and stride-2 levels beyond
+# Several feature levels: Deformable DETR's strides 8-64, from the small backbone's stages and stride-2 levels beyond
 LEVELS = 4
+LEVEL_STAGES = 2  # of them from the backbone (strides 8, 16; its stride-4 stage would make 1024 of 1360 positions)
 FOCAL = dict(class_loss="focal", class_cost=2.0)  # the focal matching cost weight of Deformable / Conditional / DAB-DETR
 DAB = dict(query_type="anchor", scale_encoder_positions=True, position_embedding_temperature=20, look_forward_twice=True)
 # name -> HfDetrConfig values over HfDetrConfig()'s own (the rest of the recipe: the paper's DETR)
@@ -180,9 +182,10 @@ def load_data(settings: dict):
 
 
 def multi_scale_backbone(backbone: dict, levels: int) -> dict:
-    """The small backbone giving its last min(levels, stages) stages (the levels beyond are stride-2 convolutions)."""
+    """The small backbone giving its stages of stride 8 and 16 (the last two), Deformable DETR's first strides;
+    the levels beyond are stride-2 convolutions (32, 64): 340 positions for a 128-pixel image."""
     stages = len(backbone["hidden_sizes"])
-    return {**backbone, "out_features": [f"stage{i}" for i in range(stages - min(levels, stages) + 1, stages + 1)]}
+    return {**backbone, "out_features": [f"stage{i}" for i in range(stages - min(levels, LEVEL_STAGES) + 1, stages + 1)]}
 
 
 def hf_config(name: str, settings: dict, categories) -> hf_detr.HfDetrConfig:
