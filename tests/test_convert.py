@@ -516,7 +516,7 @@ def test_convert_script_end_to_end(tmp_path, inputs):
     output_dir = tmp_path / "hf_detr"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     script = REPO / "scripts" / "convert_detr_checkpoint.py"
-    command = [sys.executable, str(script), "--checkpoint", str(tmp_path / "transformers"), "--output_dir", str(output_dir)]
+    command = [sys.executable, str(script), "--model_name_or_path", str(tmp_path / "transformers"), "--output_dir", str(output_dir)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
