@@ -184,8 +184,9 @@ class HfDetrConfig(PreTrainedConfig):
         if given is not None:
             raise ValueError(f"HfDetrConfig.use_timm_backbone=True with a {model_type!r} backbone_config: give one or the other")
         kwargs = self.backbone_kwargs or {}
-        # the last stage, or the last three (ResNet: strides 8, 16, 32) for several feature levels
-        stages = list(range(5 - min(self.num_feature_levels, 3), 5)) if self.num_feature_levels > 1 else [-1]
+        # the last stage, or the last three (ResNet: strides 8, 16, 32) for several feature levels; counted from the end,
+        # as timm's families have 4 (ConvNeXt) or 5 (ResNet, EfficientNet) feature stages
+        stages = list(range(-min(self.num_feature_levels, 3), 0)) if self.num_feature_levels > 1 else [-1]
         return {
             "model_type": "timm_backbone", "backbone": self.backbone or "resnet50", "num_channels": self.num_channels,
             "features_only": True, "out_indices": list(kwargs.get("out_indices", stages)), "output_stride": kwargs.get("output_stride"),

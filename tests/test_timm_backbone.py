@@ -102,3 +102,20 @@ def test_transformers_detr_with_a_timm_backbone_converts_with_either(inputs):
     assert_same_outputs(reference, hf_detr.convert_transformers_detr(reference, timm_backbone=True), inputs, "transformers timm DETR -> timm")
     with pytest.raises(ValueError, match="ResNet-18"):  # transformers' ResNet layout is known for DETR's ResNet-50 / -101
         hf_detr.convert_transformers_detr(reference)
+
+
+@pytest.mark.parametrize("kind", sorted(BACKBONES))
+def test_timm_backbone_gives_its_last_stages_as_feature_levels(kind, inputs):
+    """num_feature_levels with a timm backbone: its last three stages (whatever the family's stage count) and a
+    stride-2 level beyond, projected to d_model; a Deformable DETR on them trains."""
+    torch.manual_seed(0)
+    config = timm_config(kind, num_feature_levels=4, encoder_attention="deformable", query_type="deformable", class_loss="focal")
+    model = hf_detr.HfDetrForObjectDetection(config)
+    channels = model.model.backbone.model.feature_info.channels()
+    assert config.backbone_config.out_indices == [-3, -2, -1] and len(channels) == 3, channels
+    projections = model.model.feature_levels.projections
+    assert [p[0].in_channels for p in projections] == [*channels, channels[-1]]
+    out = model.train()(**inputs, labels=random_labels([2, 1], 5, torch.Generator().manual_seed(1)))
+    assert torch.isfinite(out.loss) and out.encoder_last_hidden_state.shape[1] > out.logits.shape[1]
+    out.loss.backward()
+    assert all(p[0].weight.grad is not None for p in projections)
