@@ -43,7 +43,8 @@ METRIC_LABELS = {
 
 # Config fields worth a line in the card, when the config has them.
 ARCHITECTURE_FIELDS = (
-    "d_model", "encoder_layers", "decoder_layers", "num_queries", "query_type", "num_labels",
+    "d_model", "encoder_layers", "decoder_layers", "num_queries", "query_type", "num_feature_levels",
+    "encoder_attention", "decoder_cross_attention", "num_labels",
 )  # fmt: skip
 
 # Files of an output dir that are not part of the final checkpoint: accelerate state checkpoints

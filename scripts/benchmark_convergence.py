@@ -98,6 +98,9 @@ HF_CONTENDERS.update({
     "deformable-two-stage": dict(DEFORMABLE, with_box_refine=True, two_stage=True),
     # the best recipe on multi-scale deformable attention: DN-Deformable-DETR with groups
     "best-deformable": dict(HF_CONTENDERS["best"], num_feature_levels=LEVELS, encoder_attention="deformable", decoder_cross_attention="deformable"),
+    # the same on the one stride-16 level of the single-scale models (Deformable DETR's "single-scale" ablation):
+    # deformable attention at the cost of a single-scale step
+    "best-deformable-1level": dict(HF_CONTENDERS["best"], encoder_attention="deformable", decoder_cross_attention="deformable"),
     # DINO: deformable attention, mixed query selection (the encoder's best proposals as anchors, learned content),
     # contrastive denoising with DINO's noise, look-forward-twice; DINO's focal loss weight 1 and class cost 2
     "dino": dict(
@@ -108,9 +111,9 @@ HF_CONTENDERS.update({
 })  # fmt: skip
 # the same recipes trained with an EMA of the weights (`hf_detr.ema`, scripts/train.py's --ema_decay), which every
 # evaluation uses; its decay and warm-up follow the budget (`ema_settings`)
-EMA_CONTENDERS = {f"{name}+ema": name for name in ("best", "best-deformable", "dino")}
+EMA_CONTENDERS = {f"{name}+ema": name for name in ("best", "best-deformable-1level", "best-deformable", "dino")}
 HF_CONTENDERS.update({ema: HF_CONTENDERS[name] for ema, name in EMA_CONTENDERS.items()})
-DEFAULT_RECIPE = "best"  # the contender whose values scripts/train.py's built-in run uses (tested)
+DEFAULT_RECIPE = "best-deformable-1level"  # the contender whose values scripts/train.py's built-in run uses (tested)
 TRANSFORMERS_CONTENDERS = ("transformers-detr", "transformers-conditional", "transformers-dab", "transformers-deformable", "transformers-deformable-two-stage")
 # each transformers model and the hf_detr contender with its recipe, for the "same recipe" comparison
 COUNTERPARTS = {
