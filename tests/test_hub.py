@@ -151,7 +151,9 @@ def test_model_card_for_local_or_synthetic_data_has_no_datasets_metadata(tmp_pat
 
 
 def test_model_card_lists_architecture_from_config():
-    config = tiny_config(num_queries=7, encoder_attention="deformable", decoder_cross_attention="deformable")
+    config = tiny_config(
+        num_queries=7, query_type="anchor", encoder_attention="deformable", decoder_cross_attention="deformable"
+    )
     text = render_model_card({"map": 0.1}, None, {}, "a/b", model_config=config, base_model="facebook/detr-resnet-50")
     assert "| num_queries | 7 |" in text and "| d_model | 32 |" in text
     # the attention kinds and the number of feature levels tell a DETR from a (single-scale) Deformable DETR
