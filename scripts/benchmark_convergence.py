@@ -500,7 +500,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}")
     parser.add_argument("--budget_steps", type=int, default=500,
-                        help="training steps of every run (default: every contender and the seed spread in under an hour on 2 CPU cores; the built-in run trains 1500)")
+                        help="training steps of every run (default: every contender and the seed spread in under an hour on 2 CPU cores; the built-in run trains 1250)")
     parser.add_argument("--num_evals", type=int, default=4, help="COCO evaluations, evenly spaced over the budget")
     parser.add_argument("--seed", type=int, default=0, help="the first seed (model init, data order, augmentation)")
     parser.add_argument("--spread_seeds", type=int, default=2, help="seeds for the top contenders (seed, seed + 1, ...)")
