@@ -23,7 +23,6 @@ peak GPU memory. The deformable-* rows do the same with transformers' Deformable
 """
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -37,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from hf_detr import measure
 
 ROWS = ("infer1", "infer4", "train", "loss", "data", "memory", "modes", "throughput", "deform", "deformable-infer1", "deformable-train")
 # Run by default: on CPU the throughput row (batch 8 at 800x1333) would take many minutes and ~20 GB,
@@ -186,27 +187,7 @@ def synchronize():
 
 def interleaved(first, second, repeats: int, warmup: int):
     """Run first, second, first, second ...; return the two lists of seconds after `warmup` pairs."""
-    return interleaved_rounds([first, second], repeats, warmup)
-
-
-def interleaved_rounds(functions, repeats: int, warmup: int) -> list[list[float]]:
-    """Run every function in turn, `warmup + repeats` rounds; per function, its seconds after the warm-up rounds."""
-    times = [[] for _ in functions]
-    synchronize()
-    for i in range(warmup + repeats):
-        for function, seconds in zip(functions, times):
-            start = time.perf_counter()
-            function()
-            synchronize()
-            if i >= warmup:
-                seconds.append(time.perf_counter() - start)
-    return times
-
-
-def summary(times_ref, times_ours):
-    """(median ref, median ours, median of pairwise ratios ref / ours)."""
-    ratios = [a / b for a, b in zip(times_ref, times_ours)]
-    return statistics.median(times_ref), statistics.median(times_ours), statistics.median(ratios)
+    return measure.interleaved([first, second], repeats, warmup, synchronize)
 
 
 def fmt_time(seconds: float) -> str:
@@ -227,13 +208,7 @@ class Row:
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]):
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    print(f"\n{title}\n")
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
-    sys.stdout.flush()
+    print(f"\n{title}\n\n{measure.markdown_table(header, rows)}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- rows
@@ -252,7 +227,7 @@ def row_inference(reference, ours, sizes: Sizes, batch: int, key: str, label: st
         )  # fmt: skip
     logits_diff = (ref_out.logits - our_out.logits).abs().max().item()
     boxes_diff = (ref_out.pred_boxes - our_out.pred_boxes).abs().max().item()
-    ref_time, our_time, ratio = summary(*times)
+    ref_time, our_time, ratio = measure.paired_medians(*times)
     h, w = sizes.infer_size
     return Row(
         f"{label}inference, batch {batch}, {h}x{w} + mask", fmt_time(ref_time), fmt_time(our_time), ratio,
@@ -313,7 +288,7 @@ def row_training(reference, ours, sizes: Sizes, backbone: str, key: str = "train
             for name, parameter in model.named_parameters():
                 if name in saved:
                     parameter.requires_grad_(saved[name])
-    ref_time, our_time, ratio = summary(*times)
+    ref_time, our_time, ratio = measure.paired_medians(*times)
     h, w = sizes.train_size
     if backbone == "detr":
         name = f"{label}training step, batch {len(labels)}, {h}x{w}, {sizes.objects_per_image} obj/img"
@@ -344,7 +319,7 @@ def row_loss(reference, ours, sizes: Sizes) -> Row:
 
     difference = abs(reference_loss().item() - our_loss().item()) / abs(reference_loss().item())
     times = interleaved(reference_loss, our_loss, sizes.repeats["loss"], sizes.warmup["loss"])
-    ref_time, our_time, ratio = summary(*times)
+    ref_time, our_time, ratio = measure.paired_medians(*times)
     return Row(
         f"matching + loss, {layers} layers x {batch} images x {queries} queries",
         fmt_time(ref_time), fmt_time(our_time), ratio,
@@ -410,7 +385,7 @@ def row_data(sizes: Sizes) -> list[Row]:
         for train in (False, True):
             position.update(ref=0, ours=0)
             times = interleaved(reference_batch, our_batch(train), sizes.repeats["data"], sizes.warmup["data"])
-            ref_time, our_time, ratio = summary(*times)
+            ref_time, our_time, ratio = measure.paired_medians(*times)
             per_second = lambda seconds: f"{sizes.data_batch / seconds:.1f} ex/s"  # noqa: E731
             size = sizes.data_image_size
             if not train:
@@ -591,7 +566,7 @@ def deform_rows(sizes: Sizes) -> list[Row]:
         with torch.no_grad():
             difference = (run_reference(*inputs) - run_ours(*inputs)).abs().max().item()
             times = interleaved(lambda: run_reference(*inputs), lambda: run_ours(*inputs), repeats, warmup)
-        ref_time, our_time, ratio = summary(*times)
+        ref_time, our_time, ratio = measure.paired_medians(*times)
         rows.append(Row(f"{name}, forward", fmt_time(ref_time), fmt_time(our_time), ratio, f"max|d out| {difference:.1e}"))
 
         leaves = [tensor.detach().clone().requires_grad_() for tensor in inputs]
@@ -608,7 +583,7 @@ def deform_rows(sizes: Sizes) -> list[Row]:
 
         reference_step, our_step = step(run_reference, reference_weights), step(run_ours, our_weights)
         relative = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(our_step(), reference_step()))
-        ref_time, our_time, ratio = summary(*interleaved(reference_step, our_step, repeats, warmup))
+        ref_time, our_time, ratio = measure.paired_medians(*interleaved(reference_step, our_step, repeats, warmup))
         notes = f"gradients ({'inputs, weights' if our_weights else 'inputs'}): max relative difference {relative:.1e}"
         rows.append(Row(f"{name}, forward + backward", fmt_time(ref_time), fmt_time(our_time), ratio, notes))
 
@@ -663,7 +638,7 @@ def mode_rows(ours, sizes: Sizes, include_compile: bool) -> list[list[str]]:
                 lambda: fast(pixel_values=pixel_values, pixel_mask=pixel_mask),
                 repeats, warmup,
             )  # fmt: skip
-        base_time, fast_time, ratio = summary(*times)
+        base_time, fast_time, ratio = measure.paired_medians(*times)
         logits = (base.logits - out.logits.float()).abs().max().item()
         boxes = (base.pred_boxes - out.pred_boxes.float()).abs().max().item()
         notes = f"first call {fmt_time(first)}" if compile_seconds else ""
@@ -705,7 +680,7 @@ def mode_rows(ours, sizes: Sizes, include_compile: bool) -> list[list[str]]:
     finally:
         ours.eval()
         ours.zero_grad(set_to_none=True)
-    base_time, fast_time, ratio = summary(*times)
+    base_time, fast_time, ratio = measure.paired_medians(*times)
     difference = abs(losses["bf16"] - losses["fp32"]) / abs(losses["fp32"])
     th, tw = sizes.train_size
     rows.append([bf16, f"training step, batch 2, {th}x{tw}", fmt_time(base_time), fmt_time(fast_time),
@@ -760,7 +735,7 @@ def throughput_rows(reference, ours, sizes: Sizes) -> list[list[str]]:
 
         return run
 
-    times = interleaved_rounds([step(name) for name in sides], sizes.repeats["throughput"], sizes.warmup["throughput"])
+    times = measure.interleaved([step(name) for name in sides], sizes.repeats["throughput"], sizes.warmup["throughput"], synchronize)
     times = dict(zip(sides, times))
     peaks = {}  # each side's own model and optimizer state (the same after every step), plus its step peak
     for name, model in sides.items():
@@ -794,15 +769,8 @@ def machine_lines() -> list[str]:
 
     import hf_detr
 
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3
     return [
-        f"machine: {cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; load average {' '.join(load)}",
+        measure.machine_line(),
         f"torch {torch.__version__} ({torch.get_num_threads()} threads, oneDNN {torch.backends.mkldnn.is_available()}), "
         f"transformers {transformers.__version__}, hf_detr {hf_detr.__version__}, scipy {scipy.__version__}, "
         f"numpy {numpy.__version__}, Pillow {PIL.__version__}, Python {platform.python_version()}",
@@ -863,7 +831,7 @@ def main(argv=None):
 
     started = time.perf_counter()
     header = machine_lines()
-    if os.path.exists("/proc/loadavg") and float(open("/proc/loadavg").read().split()[0]) > 0.5:
+    if (measure.load_average() or (0,))[0] > 0.5:
         header.append("WARNING: other processes are using the CPU (load average above); timings will be noisy")
     print("\n".join(header))
     print(f"timings: median of interleaved (transformers, hf_detr) pairs; repeats {sizes.repeats}, warm-up {sizes.warmup}")
@@ -916,8 +884,7 @@ def main(argv=None):
             ["side", "step", "images/s", "peak memory", "speed-up vs transformers fp32", "vs transformers bf16 autocast"],
             throughput,
         )  # fmt: skip
-    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3
-    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at the end {' '.join(load)}")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at the end {measure.load_text()}")
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "rows": [r.cells() for r in table], "modes": modes, "throughput": throughput}, indent=1))
 

@@ -36,7 +36,6 @@ The report's title names the data.
 """
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -54,7 +53,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 
 import hf_detr
 from hf_detr import data as detr_data
-from hf_detr import training
+from hf_detr import measure, training
 from hf_detr.ema import ExponentialMovingAverage
 from hf_detr.evaluation import evaluate_model
 
@@ -397,15 +396,13 @@ def cell(values: list[float]) -> str:
 def table(rows: dict[str, dict]) -> str:
     steps = next(iter(rows.values()))["steps"]
     header = ["contender", "implementation", "seeds", *[f"mAP @{s}" for s in steps], "final mAP@50", "final mAP@75", "final loss", "s/step"]
-    lines = [header]
+    lines = []
     for name, row in sorted(rows.items(), key=lambda item: -final(item[1])):
         maps = [cell([curve[i] for curve in row["map"]]) for i in range(len(steps))]
         implementation = "transformers" if name in TRANSFORMERS_CONTENDERS else "hf_detr"
         lines.append([name, implementation, ",".join(map(str, row["seeds"])), *maps, cell([c[-1] for c in row["map_50"]]),
                       cell([c[-1] for c in row["map_75"]]), f"{mean(row['loss']):.3f}", f"{mean(row['sps']):.3f}"])  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines[1:])])
+    return measure.markdown_table(header, lines)
 
 
 def noise(rows: dict[str, dict]) -> float | None:
@@ -487,11 +484,7 @@ def data_name(settings: dict) -> str:
 def machine_line(threads: int, jobs: int) -> str:
     import transformers
 
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3
-    return (f"machine: {cpu}, {os.cpu_count()} logical CPUs; load average {' '.join(load)}\n"
+    return (f"{measure.machine_line()}\n"
             f"torch {torch.__version__}, transformers {transformers.__version__}, hf_detr {hf_detr.__version__}, "
             f"Python {platform.python_version()}; {jobs} run(s) at a time, {threads} thread(s) each")  # fmt: skip
 

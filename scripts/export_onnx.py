@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 import hf_detr  # noqa: F401  (registers hf_detr with the Auto classes)
+from hf_detr import measure
 from hf_detr.export import INPUT_NAMES, Detector, export_onnx
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,6 @@ def check(model, processor, path) -> dict[str, float]:
 def benchmark(model, processor, path, repeats: int, batch_size: int) -> dict[str, float]:
     """Median seconds per forward of PyTorch (eager, fp32) and onnxruntime on the same batch, interleaved
     after one warm-up each, and the median of their per-pair ratio."""
-    import statistics
-    import time
-
     import onnxruntime
 
     generator = torch.Generator().manual_seed(0)
@@ -70,11 +68,6 @@ def benchmark(model, processor, path, repeats: int, batch_size: int) -> dict[str
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     detector = Detector(model)
 
-    def timed(run):
-        start = time.perf_counter()
-        run()
-        return time.perf_counter() - start
-
     def torch_run():
         with torch.no_grad():
             detector(inputs["pixel_values"], inputs["pixel_mask"])
@@ -82,12 +75,11 @@ def benchmark(model, processor, path, repeats: int, batch_size: int) -> dict[str
     def onnx_run():
         session.run(None, feed)
 
-    timed(torch_run), timed(onnx_run)
-    pairs = [(timed(torch_run), timed(onnx_run)) for _ in range(repeats)]
+    pytorch_s, onnxruntime_s, ratio = measure.paired_medians(*measure.interleaved([torch_run, onnx_run], repeats, warmup=1))
     return {
-        "pytorch_s": statistics.median(t for t, _ in pairs),
-        "onnxruntime_s": statistics.median(o for _, o in pairs),
-        "pytorch_over_onnxruntime": statistics.median(t / o for t, o in pairs),
+        "pytorch_s": pytorch_s,
+        "onnxruntime_s": onnxruntime_s,
+        "pytorch_over_onnxruntime": ratio,
         "input_shape": list(inputs["pixel_values"].shape),
     }
 
